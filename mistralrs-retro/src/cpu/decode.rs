@@ -1,0 +1,622 @@
+//! Paged decode attention (flash-decoding on the CPU).
+//!
+//! One task per (sequence, kv head, split of pages) streams its pages once and serves every query
+//! head of the GQA group and every query row from them, keeping an online softmax per
+//! (head, row). Splits are merged exactly afterwards by log-sum-exp.
+
+use super::access::{ensure_cpu, ensure_float_dtype, small_u32_vec, BlockTables, CacheElem, CacheGeometry, CpuRead};
+use candle_core::{bail, DType, Device, Result, Tensor};
+use rayon::prelude::*;
+
+/// Splits shorter than this many tokens cost more in bookkeeping and merging than they gain.
+const MIN_SPLIT_TOKENS: usize = 64;
+/// Tasks per rayon thread to aim for, so uneven sequences still balance.
+const TASKS_PER_THREAD: usize = 4;
+
+/// Decode attention of query `[B * rows, heads, head_dim]` against the paged caches.
+///
+/// Row `r` of sequence `b` is query index `b * rows + r` and sees the first
+/// `context_lens[b] - (rows - 1 - r)` tokens of its sequence (none: zeros). Query head `h` reads kv
+/// head `h / (heads / kv_heads)`. `score = softmax_scale * q.k`, soft-capped to
+/// `c * tanh(score / c)` when `softcap` is `Some(c)`. Returns `[B * rows, heads, head_dim]` in the
+/// query's dtype.
+pub fn paged_decode(
+    query: &Tensor,
+    key_cache: &Tensor,
+    value_cache: &Tensor,
+    block_tables: &Tensor,
+    context_lens: &Tensor,
+    softmax_scale: f32,
+    softcap: Option<f32>,
+) -> Result<Tensor> {
+    check_softcap(softcap)?;
+    let inputs = DecodeInputs::read(query, key_cache, value_cache, block_tables, context_lens)?;
+    decode_with_split(&inputs, key_cache, value_cache, softmax_scale, softcap, None)
+}
+
+pub(crate) fn check_softcap(softcap: Option<f32>) -> Result<()> {
+    match softcap {
+        Some(cap) if !(cap.is_finite() && cap > 0.0) => bail!("softcap must be positive and finite, got {cap}"),
+        _ => Ok(()),
+    }
+}
+
+/// Validated decode arguments, shared with the reference implementation.
+pub(crate) struct DecodeInputs {
+    pub geometry: CacheGeometry,
+    pub batch: usize,
+    pub rows: usize,
+    pub heads: usize,
+    /// Query heads per kv head.
+    pub group: usize,
+    /// `[batch * rows, heads, head_dim]` in f32.
+    pub queries: Vec<f32>,
+    pub context_lens: Vec<usize>,
+    pub tables: BlockTables,
+    pub out_dtype: DType,
+}
+
+impl DecodeInputs {
+    pub fn read(
+        query: &Tensor,
+        key_cache: &Tensor,
+        value_cache: &Tensor,
+        block_tables: &Tensor,
+        context_lens: &Tensor,
+    ) -> Result<Self> {
+        let geometry = CacheGeometry::of(key_cache, value_cache)?;
+        ensure_cpu(query, "query")?;
+        ensure_float_dtype(query.dtype(), "query")?;
+        let (query_rows, heads, head_dim) = query.dims3()?;
+        if head_dim != geometry.head_dim {
+            bail!("query head_dim {head_dim} differs from the caches' {}", geometry.head_dim);
+        }
+        if heads == 0 || heads % geometry.kv_heads != 0 {
+            bail!("query heads {heads} is not a multiple of the caches' {} kv heads", geometry.kv_heads);
+        }
+        let context_lens: Vec<usize> =
+            small_u32_vec(context_lens, "context_lens", 1)?.into_iter().map(|c| c as usize).collect();
+        let batch = context_lens.len();
+        let tables = BlockTables::read(block_tables, batch)?;
+        if batch == 0 && query_rows != 0 {
+            bail!("query has {query_rows} rows but the batch is empty");
+        }
+        if batch > 0 && (query_rows == 0 || query_rows % batch != 0) {
+            bail!("query rows {query_rows} are not a positive multiple of the batch size {batch}");
+        }
+        let rows = if batch == 0 { 0 } else { query_rows / batch };
+        for (seq, &tokens) in context_lens.iter().enumerate() {
+            tables.check_sequence(seq, tokens, &geometry)?;
+        }
+        let queries = query.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(Self {
+            geometry,
+            batch,
+            rows,
+            heads,
+            group: heads / geometry.kv_heads,
+            queries,
+            context_lens,
+            tables,
+            out_dtype: query.dtype(),
+        })
+    }
+
+    /// Tokens visible to query row `row` of sequence `seq`.
+    #[inline]
+    pub fn visible_tokens(&self, seq: usize, row: usize) -> usize {
+        self.context_lens[seq].saturating_sub(self.rows - 1 - row)
+    }
+
+    #[inline]
+    pub fn query_index(&self, seq: usize, row: usize, head: usize) -> usize {
+        ((seq * self.rows + row) * self.heads + head) * self.geometry.head_dim
+    }
+
+    pub fn output_len(&self) -> usize {
+        self.batch * self.rows * self.heads * self.geometry.head_dim
+    }
+
+    pub fn into_output(&self, out: Vec<f32>) -> Result<Tensor> {
+        let shape = (self.batch * self.rows, self.heads, self.geometry.head_dim);
+        Tensor::from_vec(out, shape, &Device::Cpu)?.to_dtype(self.out_dtype)
+    }
+}
+
+/// A contiguous run of one sequence's pages, for one kv head.
+#[derive(Debug, Clone, Copy)]
+struct SplitTask {
+    seq: usize,
+    kv_head: usize,
+    first_page: usize,
+    end_page: usize,
+}
+
+/// Tasks are ordered (sequence, split, kv head), so task `(first_split[seq] + split) * kv_heads +
+/// kv_head` holds split `split` of `seq` for `kv_head`.
+#[derive(Debug)]
+struct SplitPlan {
+    tasks: Vec<SplitTask>,
+    /// Per sequence, its first split's global index; one extra entry closes the last sequence.
+    first_split: Vec<usize>,
+}
+
+impl SplitPlan {
+    fn new(context_lens: &[usize], block_size: usize, kv_heads: usize, pages_per_split: usize) -> Self {
+        let pages_per_split = pages_per_split.max(1);
+        let mut tasks = Vec::new();
+        let mut first_split = Vec::with_capacity(context_lens.len() + 1);
+        let mut splits = 0;
+        for (seq, &tokens) in context_lens.iter().enumerate() {
+            first_split.push(splits);
+            let pages = tokens.div_ceil(block_size);
+            for first_page in (0..pages).step_by(pages_per_split) {
+                let end_page = (first_page + pages_per_split).min(pages);
+                tasks.extend((0..kv_heads).map(|kv_head| SplitTask { seq, kv_head, first_page, end_page }));
+                splits += 1;
+            }
+        }
+        first_split.push(splits);
+        Self { tasks, first_split }
+    }
+
+    /// Enough splits for `TASKS_PER_THREAD` tasks per thread over the whole batch.
+    fn auto_pages_per_split(context_lens: &[usize], block_size: usize, kv_heads: usize, threads: usize) -> usize {
+        let page_tasks: usize = context_lens.iter().map(|t| t.div_ceil(block_size)).sum::<usize>() * kv_heads;
+        let target_tasks = TASKS_PER_THREAD * threads.max(1);
+        page_tasks.div_ceil(target_tasks).max(MIN_SPLIT_TOKENS.div_ceil(block_size)).max(1)
+    }
+}
+
+/// Per-thread page buffers, reused across tasks.
+struct PageScratch {
+    key_staging: Vec<f32>,
+    value_staging: Vec<f32>,
+    /// `[block_size][head_dim]`
+    key_rows: Vec<f32>,
+    /// `[block_size][head_dim]`
+    value_rows: Vec<f32>,
+    scores: Vec<f32>,
+}
+
+impl PageScratch {
+    fn new<T: CacheElem>(geometry: &CacheGeometry) -> Self {
+        let page = geometry.page_len();
+        // f32 pages are read in place and need no staging.
+        let staging = if T::DTYPE == DType::F32 { 0 } else { page };
+        Self {
+            key_staging: vec![0.0; staging],
+            value_staging: vec![0.0; staging],
+            key_rows: vec![0.0; page],
+            value_rows: vec![0.0; page],
+            scores: vec![0.0; geometry.block_size],
+        }
+    }
+}
+
+/// One task's online-softmax state per (group head g, row r) at index `g * rows + r`: running max,
+/// running sum of exponentials, and unnormalised output, laid out `[max..][sum..][acc..]`.
+struct PartialView<'a> {
+    max: &'a mut [f32],
+    sum: &'a mut [f32],
+    acc: &'a mut [f32],
+}
+
+fn partial_stride(states: usize, head_dim: usize) -> usize {
+    states * (head_dim + 2)
+}
+
+fn split_partial(partial: &mut [f32], states: usize) -> PartialView<'_> {
+    let (max, rest) = partial.split_at_mut(states);
+    let (sum, acc) = rest.split_at_mut(states);
+    PartialView { max, sum, acc }
+}
+
+fn read_partial(partial: &[f32], states: usize, state: usize, head_dim: usize) -> (f32, f32, &[f32]) {
+    let acc = &partial[2 * states + state * head_dim..2 * states + (state + 1) * head_dim];
+    (partial[state], partial[states + state], acc)
+}
+
+/// `pages_per_split: None` picks the split size from the thread count.
+pub(crate) fn decode_with_split(
+    inputs: &DecodeInputs,
+    key_cache: &Tensor,
+    value_cache: &Tensor,
+    softmax_scale: f32,
+    softcap: Option<f32>,
+    pages_per_split: Option<usize>,
+) -> Result<Tensor> {
+    let keys = CpuRead::new(key_cache, "key_cache")?;
+    let values = CpuRead::new(value_cache, "value_cache")?;
+    let out = match inputs.geometry.dtype {
+        DType::F32 => decode_typed::<f32>(inputs, keys.slice()?, values.slice()?, softmax_scale, softcap, pages_per_split),
+        DType::F16 => decode_typed::<half::f16>(inputs, keys.slice()?, values.slice()?, softmax_scale, softcap, pages_per_split),
+        DType::BF16 => decode_typed::<half::bf16>(inputs, keys.slice()?, values.slice()?, softmax_scale, softcap, pages_per_split),
+        other => bail!("paged_decode: unsupported cache dtype {other:?}"),
+    };
+    inputs.into_output(out)
+}
+
+fn decode_typed<T: CacheElem>(
+    inputs: &DecodeInputs,
+    key_cache: &[T],
+    value_cache: &[T],
+    softmax_scale: f32,
+    softcap: Option<f32>,
+    pages_per_split: Option<usize>,
+) -> Vec<f32> {
+    let g = &inputs.geometry;
+    let pages_per_split = pages_per_split.unwrap_or_else(|| {
+        SplitPlan::auto_pages_per_split(&inputs.context_lens, g.block_size, g.kv_heads, rayon::current_num_threads())
+    });
+    let plan = SplitPlan::new(&inputs.context_lens, g.block_size, g.kv_heads, pages_per_split);
+    // Folding the scale into q saves a multiply per score.
+    let scaled_queries: Vec<f32> = inputs.queries.iter().map(|q| q * softmax_scale).collect();
+    let states = inputs.group * inputs.rows;
+    let stride = partial_stride(states, g.head_dim);
+
+    let mut partials = vec![0f32; plan.tasks.len() * stride];
+    partials.par_chunks_mut(stride).zip(plan.tasks.par_iter()).for_each_init(
+        || PageScratch::new::<T>(g),
+        |scratch, (partial, task)| {
+            attend_split(inputs, key_cache, value_cache, &scaled_queries, softcap, task, scratch, partial)
+        },
+    );
+
+    let head_dim = g.head_dim;
+    let mut out = vec![0f32; inputs.output_len()];
+    out.par_chunks_mut(inputs.heads * head_dim).enumerate().for_each(|(query_row, out_row)| {
+        let (seq, row) = (query_row / inputs.rows, query_row % inputs.rows);
+        let splits = plan.first_split[seq]..plan.first_split[seq + 1];
+        for (head, out_head) in out_row.chunks_exact_mut(head_dim).enumerate() {
+            let (kv_head, state) = (head / inputs.group, (head % inputs.group) * inputs.rows + row);
+            let partial_of = |split: usize| {
+                let task = split * g.kv_heads + kv_head;
+                read_partial(&partials[task * stride..(task + 1) * stride], states, state, head_dim)
+            };
+            let global_max = splits.clone().map(|s| partial_of(s).0).fold(f32::NEG_INFINITY, f32::max);
+            if global_max == f32::NEG_INFINITY {
+                continue; // no visible tokens: the output stays zero
+            }
+            let mut total = 0f32;
+            for split in splits.clone() {
+                let (max, sum, acc) = partial_of(split);
+                if sum == 0.0 {
+                    continue;
+                }
+                let weight = (max - global_max).exp();
+                total += sum * weight;
+                axpy(out_head, weight, acc);
+            }
+            let inv_total = 1.0 / total;
+            out_head.iter_mut().for_each(|o| *o *= inv_total);
+        }
+    });
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attend_split<T: CacheElem>(
+    inputs: &DecodeInputs,
+    key_cache: &[T],
+    value_cache: &[T],
+    scaled_queries: &[f32],
+    softcap: Option<f32>,
+    task: &SplitTask,
+    scratch: &mut PageScratch,
+    partial: &mut [f32],
+) {
+    let g = &inputs.geometry;
+    let (rows, head_dim, block_size) = (inputs.rows, g.head_dim, g.block_size);
+    let state = split_partial(partial, inputs.group * rows);
+    state.max.fill(f32::NEG_INFINITY);
+    state.sum.fill(0.0);
+    state.acc.fill(0.0);
+    let tokens = inputs.context_lens[task.seq];
+    let table = inputs.tables.of(task.seq);
+
+    for page in task.first_page..task.end_page {
+        let page_start = page * block_size;
+        let page_tokens = block_size.min(tokens - page_start);
+        let page_at = g.page_offset(table[page] as usize, task.kv_head);
+        let page_range = page_at..page_at + g.page_len();
+        g.key_page_to_rows(&key_cache[page_range.clone()], &mut scratch.key_staging, page_tokens, &mut scratch.key_rows);
+        g.value_page_to_rows(&value_cache[page_range], &mut scratch.value_staging, page_tokens, &mut scratch.value_rows);
+
+        for row in 0..rows {
+            let visible = inputs.visible_tokens(task.seq, row).saturating_sub(page_start).min(page_tokens);
+            if visible == 0 {
+                continue;
+            }
+            for member in 0..inputs.group {
+                let head = task.kv_head * inputs.group + member;
+                let q_at = inputs.query_index(task.seq, row, head);
+                let q = &scaled_queries[q_at..q_at + head_dim];
+                let scores = &mut scratch.scores[..visible];
+                for (score, key) in scores.iter_mut().zip(scratch.key_rows.chunks_exact(head_dim)) {
+                    *score = dot(q, key);
+                }
+                if let Some(cap) = softcap {
+                    scores.iter_mut().for_each(|s| *s = cap * (*s / cap).tanh());
+                }
+
+                let s = member * rows + row;
+                let acc = &mut state.acc[s * head_dim..(s + 1) * head_dim];
+                let page_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let new_max = state.max[s].max(page_max);
+                if state.sum[s] > 0.0 && new_max > state.max[s] {
+                    let rescale = (state.max[s] - new_max).exp();
+                    state.sum[s] *= rescale;
+                    acc.iter_mut().for_each(|a| *a *= rescale);
+                }
+                state.max[s] = new_max;
+                let mut page_sum = 0f32;
+                for (&score, value) in scores.iter().zip(scratch.value_rows.chunks_exact(head_dim)) {
+                    let p = (score - new_max).exp();
+                    page_sum += p;
+                    axpy(acc, p, value);
+                }
+                state.sum[s] += page_sum;
+            }
+        }
+    }
+}
+
+/// Several independent accumulators so the reduction vectorises without reassociation flags.
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(x, y)| x * y).sum();
+    let mut lanes = [0f32; LANES];
+    for (x, y) in a_chunks.zip(b_chunks) {
+        for i in 0..LANES {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+#[inline]
+fn axpy(acc: &mut [f32], a: f32, x: &[f32]) {
+    for (y, &x) in acc.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::reference::paged_decode_reference;
+    use super::super::test_support::{assert_close, dense_decode, paged_batch, to_f32_vec, PagedBatch, Rng};
+    use super::*;
+
+    struct Case {
+        dtype: DType,
+        block_size: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        rows: usize,
+        softcap: Option<f32>,
+    }
+
+    fn decode_args(batch: &PagedBatch) -> (&Tensor, &Tensor, &Tensor, &Tensor) {
+        (&batch.key_cache, &batch.value_cache, &batch.block_tables, &batch.context_lens)
+    }
+
+    /// Checks `paged_decode` against the reference and the dense f64 attention, and the reference
+    /// against the dense one.
+    fn check_case(rng: &mut Rng, case: &Case, lens: &[usize], rel_tol: f32) {
+        let batch = paged_batch(rng, lens, case.kv_heads, case.head_dim, case.block_size, case.dtype);
+        // Larger queries with a softcap, so that the cap really bends the scores.
+        let amplitude = if case.softcap.is_some() { 16.0 } else { 4.0 };
+        let query = rng.tensor(&[lens.len() * case.rows, case.heads, case.head_dim], amplitude, case.dtype);
+        let scale = 1.0 / (case.head_dim as f32).sqrt();
+        let (kc, vc, bt, cl) = decode_args(&batch);
+
+        let out = paged_decode(&query, kc, vc, bt, cl, scale, case.softcap).unwrap();
+        let reference = paged_decode_reference(&query, kc, vc, bt, cl, scale, case.softcap).unwrap();
+        assert_eq!(out.dims(), query.dims());
+        assert_eq!(out.dtype(), case.dtype);
+        let dense = dense_decode(&batch, &query, scale, case.softcap);
+        let what = format!(
+            "{:?} block {} heads {}/{} head_dim {} rows {} softcap {:?} lens {lens:?}",
+            case.dtype, case.block_size, case.heads, case.kv_heads, case.head_dim, case.rows, case.softcap
+        );
+        let (out, reference) = (to_f32_vec(&out), to_f32_vec(&reference));
+        assert_close(&out, &reference, rel_tol, &format!("kernel vs reference: {what}"));
+        assert_close(&out, &dense, rel_tol, &format!("kernel vs dense: {what}"));
+        assert_close(&reference, &dense, rel_tol, &format!("reference vs dense: {what}"));
+    }
+
+    fn check_all_shapes(dtype: DType, rel_tol: f32, seed: u64) {
+        let mut rng = Rng::new(seed);
+        for block_size in [8, 16, 32] {
+            let lens = [1, block_size - 1, block_size, block_size + 1, 300, 1000];
+            for (heads, kv_heads) in [(3, 3), (9, 3), (8, 2)] {
+                for head_dim in [64, 128] {
+                    for rows in [1, 3] {
+                        for softcap in [None, Some(30.0)] {
+                            let case = Case { dtype, block_size, heads, kv_heads, head_dim, rows, softcap };
+                            check_case(&mut rng, &case, &lens, rel_tol);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn decode_f32_matches_reference_and_dense() {
+        check_all_shapes(DType::F32, 1e-5, 10);
+    }
+
+    #[test]
+    fn decode_f16_matches_reference_and_dense() {
+        check_all_shapes(DType::F16, 2e-2, 11);
+    }
+
+    #[test]
+    fn decode_bf16_matches_reference_and_dense() {
+        check_all_shapes(DType::BF16, 2e-2, 12);
+    }
+
+    #[test]
+    fn forced_uneven_splits_merge_exactly() {
+        let mut rng = Rng::new(20);
+        let lens = [1000, 37, 513, 16];
+        let batch = paged_batch(&mut rng, &lens, 2, 128, 16, DType::F32);
+        let query = rng.tensor(&[lens.len() * 3, 8, 128], 6.0, DType::F32);
+        let (kc, vc, bt, cl) = decode_args(&batch);
+        let inputs = DecodeInputs::read(&query, kc, vc, bt, cl).unwrap();
+        for softcap in [None, Some(30.0)] {
+            let dense = dense_decode(&batch, &query, 0.088, softcap);
+            // 63 pages of the first sequence: chunks of 5 leave 3, of 7 divide evenly, 1 is the
+            // most splits possible, 64 leaves everything in one split.
+            for pages_per_split in [1, 5, 7, 64] {
+                let out = decode_with_split(&inputs, kc, vc, 0.088, softcap, Some(pages_per_split)).unwrap();
+                let what = format!("{pages_per_split} pages per split, softcap {softcap:?}");
+                assert_close(&to_f32_vec(&out), &dense, 1e-5, &what);
+            }
+        }
+    }
+
+    #[test]
+    fn split_plan_covers_every_page_once_with_uneven_chunks() {
+        let lens = [1000, 0, 37, 16];
+        let plan = SplitPlan::new(&lens, 16, 3, 5);
+        assert_eq!(plan.first_split, vec![0, 13, 13, 14, 15]);
+        assert_eq!(plan.tasks.len(), 15 * 3);
+        for (seq, &len) in lens.iter().enumerate() {
+            for kv_head in 0..3 {
+                let mut pages: Vec<(usize, usize)> = plan
+                    .tasks
+                    .iter()
+                    .filter(|t| t.seq == seq && t.kv_head == kv_head)
+                    .map(|t| (t.first_page, t.end_page))
+                    .collect();
+                pages.sort();
+                let mut next = 0;
+                for (first, end) in pages {
+                    assert_eq!(first, next);
+                    assert!(end > first && end - first <= 5);
+                    next = end;
+                }
+                assert_eq!(next, len.div_ceil(16));
+            }
+        }
+        for (index, task) in plan.tasks.iter().enumerate() {
+            assert_eq!(index % 3, task.kv_head, "tasks are kv-head minor");
+        }
+    }
+
+    #[test]
+    fn auto_split_gives_every_thread_several_tasks_at_batch_one() {
+        for threads in [2, 8, 32] {
+            let lens = [8192];
+            let pages_per_split = SplitPlan::auto_pages_per_split(&lens, 16, 3, threads);
+            let tasks = SplitPlan::new(&lens, 16, 3, pages_per_split).tasks.len();
+            assert!(tasks >= TASKS_PER_THREAD * threads, "{threads} threads: {tasks} tasks");
+        }
+        // Short contexts stay in one split rather than many tiny ones.
+        let pages_per_split = SplitPlan::auto_pages_per_split(&[40], 16, 3, 64);
+        assert_eq!(SplitPlan::new(&[40], 16, 3, pages_per_split).tasks.len(), 3);
+    }
+
+    #[test]
+    fn long_context_with_automatic_split_matches_dense() {
+        let mut rng = Rng::new(21);
+        let lens = [5000];
+        let (block_size, kv_heads) = (16, 3);
+        let pages_per_split = SplitPlan::auto_pages_per_split(&lens, block_size, kv_heads, rayon::current_num_threads());
+        let pages = lens[0].div_ceil(block_size);
+        assert!(pages_per_split < pages, "the context must be split");
+        assert!(pages % pages_per_split != 0, "the last chunk should be shorter: {pages} pages / {pages_per_split}");
+        for dtype in [DType::F32, DType::BF16] {
+            let batch = paged_batch(&mut rng, &lens, kv_heads, 128, block_size, dtype);
+            let query = rng.tensor(&[2, 9, 128], 6.0, dtype);
+            let (kc, vc, bt, cl) = decode_args(&batch);
+            let out = paged_decode(&query, kc, vc, bt, cl, 0.088, None).unwrap();
+            let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+            assert_close(&to_f32_vec(&out), &dense_decode(&batch, &query, 0.088, None), tol, &format!("{dtype:?}"));
+        }
+    }
+
+    #[test]
+    fn query_dtype_may_differ_from_cache_dtype() {
+        let mut rng = Rng::new(22);
+        for (cache_dtype, query_dtype) in [(DType::BF16, DType::F32), (DType::F32, DType::F16), (DType::F16, DType::BF16)] {
+            let lens = [70, 5];
+            let batch = paged_batch(&mut rng, &lens, 2, 64, 16, cache_dtype);
+            let query = rng.tensor(&[4, 4, 64], 4.0, query_dtype);
+            let (kc, vc, bt, cl) = decode_args(&batch);
+            let out = paged_decode(&query, kc, vc, bt, cl, 0.125, Some(30.0)).unwrap();
+            assert_eq!(out.dtype(), query_dtype);
+            let dense = dense_decode(&batch, &query, 0.125, Some(30.0));
+            let tol = if query_dtype == DType::F32 { 1e-5 } else { 2e-2 };
+            assert_close(&to_f32_vec(&out), &dense, tol, &format!("{cache_dtype:?} cache, {query_dtype:?} query"));
+        }
+    }
+
+    #[test]
+    fn rows_without_visible_tokens_are_zero() {
+        let mut rng = Rng::new(23);
+        let lens = [0, 1, 2, 20];
+        let batch = paged_batch(&mut rng, &lens, 1, 64, 8, DType::F32);
+        let query = rng.tensor(&[lens.len() * 3, 2, 64], 4.0, DType::F32);
+        let (kc, vc, bt, cl) = decode_args(&batch);
+        let out = to_f32_vec(&paged_decode(&query, kc, vc, bt, cl, 0.125, None).unwrap());
+        let row_len = 2 * 64;
+        // (sequence, row) pairs whose window is empty: all of sequence 0, rows 0-1 of 1, row 0 of 2.
+        for (seq, row) in [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0)] {
+            let at = (seq * 3 + row) * row_len;
+            assert!(out[at..at + row_len].iter().all(|&o| o == 0.0), "seq {seq} row {row}");
+        }
+        assert_close(&out, &dense_decode(&batch, &query, 0.125, None), 1e-5, "ragged");
+    }
+
+    #[test]
+    fn softcap_changes_the_output() {
+        let mut rng = Rng::new(24);
+        let batch = paged_batch(&mut rng, &[200], 1, 64, 16, DType::F32);
+        let query = rng.tensor(&[1, 1, 64], 16.0, DType::F32);
+        let (kc, vc, bt, cl) = decode_args(&batch);
+        let capped = to_f32_vec(&paged_decode(&query, kc, vc, bt, cl, 0.125, Some(5.0)).unwrap());
+        let plain = to_f32_vec(&paged_decode(&query, kc, vc, bt, cl, 0.125, None).unwrap());
+        let diff = capped.iter().zip(&plain).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(diff > 1e-3, "softcap 5 should change the output, max diff {diff}");
+        assert_close(&capped, &dense_decode(&batch, &query, 0.125, Some(5.0)), 1e-5, "softcap 5");
+    }
+
+    #[test]
+    fn empty_batch_gives_empty_output() {
+        let mut rng = Rng::new(25);
+        let batch = paged_batch(&mut rng, &[3], 2, 64, 16, DType::F16);
+        let query = Tensor::zeros((0, 4, 64), DType::F16, &Device::Cpu).unwrap();
+        let tables = Tensor::zeros((0, 4), DType::U32, &Device::Cpu).unwrap();
+        let lens = Tensor::zeros(0, DType::U32, &Device::Cpu).unwrap();
+        let out = paged_decode(&query, &batch.key_cache, &batch.value_cache, &tables, &lens, 0.125, None).unwrap();
+        assert_eq!(out.dims(), &[0, 4, 64]);
+    }
+
+    #[test]
+    fn bad_arguments_are_errors() {
+        let mut rng = Rng::new(26);
+        let batch = paged_batch(&mut rng, &[20, 9], 2, 64, 8, DType::F32);
+        let (kc, vc, bt, _) = decode_args(&batch);
+        let query = rng.tensor(&[2, 4, 64], 1.0, DType::F32);
+        let lens = |l: &[u32]| Tensor::new(l, &Device::Cpu).unwrap();
+        let decode = |q: &Tensor, bt: &Tensor, cl: &Tensor, softcap| paged_decode(q, kc, vc, bt, cl, 0.1, softcap);
+
+        // 20 tokens use 3 of the 4 table columns; the spare column holds an invalid block id.
+        assert!(decode(&query, bt, &lens(&[25, 9]), None).is_err(), "context past the valid blocks");
+        assert!(decode(&query, bt, &lens(&[40, 9]), None).is_err(), "context past the table");
+        assert!(decode(&query, bt, &lens(&[20]), None).is_err(), "batch mismatch");
+        assert!(decode(&rng.tensor(&[3, 4, 64], 1.0, DType::F32), bt, &lens(&[20, 9]), None).is_err(), "rows");
+        assert!(decode(&rng.tensor(&[2, 3, 64], 1.0, DType::F32), bt, &lens(&[20, 9]), None).is_err(), "gqa");
+        assert!(decode(&rng.tensor(&[2, 4, 32], 1.0, DType::F32), bt, &lens(&[20, 9]), None).is_err(), "head_dim");
+        assert!(decode(&query, &bt.to_dtype(DType::I64).unwrap(), &lens(&[20, 9]), None).is_err(), "table dtype");
+        assert!(decode(&query, bt, &lens(&[20, 9]), Some(0.0)).is_err(), "softcap 0");
+        assert!(decode(&query, bt, &lens(&[20, 9]), Some(30.0)).is_ok());
+    }
+}

@@ -1,0 +1,5 @@
+//! mistralrs-retro: KV policies for mistral.rs paged attention.
+pub mod cpu;
+pub mod convert;
+pub mod policy;
+pub mod server;

@@ -1,0 +1,98 @@
+//! `full`: attention over every cached token.
+//!
+//! On CUDA/Metal it leaves every call to upstream's paged kernels, so GPU behaviour is upstream's
+//! byte for byte. On CPU, where upstream has no paged kernels, it runs ours (`crate::cpu`).
+
+use candle_core::{Result, Tensor};
+use mistralrs_core::kv_policy::{
+    BatchInfo, CacheAllocation, CacheWrite, DecodeAttention, GatherKv, KvPolicy,
+};
+use tracing::info;
+
+use crate::cpu;
+
+#[derive(Debug, Default)]
+pub struct FullPolicy;
+
+impl FullPolicy {
+    pub fn new() -> Self {
+        Self
+    }
+}
+
+fn unsupported_extras(attn: &DecodeAttention<'_>) -> Result<()> {
+    if attn.alibi_slopes.is_some() {
+        candle_core::bail!("CPU paged attention does not support ALiBi slopes");
+    }
+    if attn.sinks.is_some() {
+        candle_core::bail!("CPU paged attention does not support attention sinks");
+    }
+    Ok(())
+}
+
+impl KvPolicy for FullPolicy {
+    fn name(&self) -> &str {
+        "full"
+    }
+
+    fn provides_cpu_kernels(&self) -> bool {
+        true
+    }
+
+    fn cache_allocated(&self, alloc: &CacheAllocation<'_>) -> Result<()> {
+        if let Some((key_cache, _)) = alloc.caches.first() {
+            info!(
+                "kv-policy=full: paged KV cache on {:?}: {} layers, {} blocks of {} tokens, {:?}",
+                key_cache.device().location(),
+                alloc.caches.len(),
+                alloc.num_blocks,
+                alloc.block_size,
+                alloc.dtype,
+            );
+        }
+        Ok(())
+    }
+
+    fn write_kv(&self, _batch: &BatchInfo<'_>, write: &CacheWrite<'_>) -> Result<bool> {
+        if !write.key_cache.device().is_cpu() {
+            return Ok(false);
+        }
+        cpu::write_kv(write.key, write.value, write.key_cache, write.value_cache, write.slot_mapping)?;
+        Ok(true)
+    }
+
+    fn decode_attention(
+        &self,
+        _batch: &BatchInfo<'_>,
+        attn: &DecodeAttention<'_>,
+    ) -> Result<Option<Tensor>> {
+        if !attn.key_cache.device().is_cpu() {
+            return Ok(None);
+        }
+        unsupported_extras(attn)?;
+        cpu::paged_decode(
+            attn.query,
+            attn.key_cache,
+            attn.value_cache,
+            attn.block_tables,
+            attn.context_lens,
+            attn.softmax_scale,
+            attn.softcap,
+        )
+        .map(Some)
+    }
+
+    fn gather_kv(&self, _batch: &BatchInfo<'_>, gather: &GatherKv<'_>) -> Result<Option<(Tensor, Tensor)>> {
+        if !gather.key_cache.device().is_cpu() {
+            return Ok(None);
+        }
+        cpu::gather_kv(
+            gather.key_cache,
+            gather.value_cache,
+            gather.block_tables,
+            gather.cu_seqlens_kv,
+            gather.out_dtype,
+        )
+        .map(Some)
+    }
+}

@@ -1,0 +1,86 @@
+//! The KV policies this build provides, and the registry that installs one into mistral.rs.
+//!
+//! Data flow: a [`PolicyConfig`] (from flags and config files) → [`install`] registers the policy
+//! object with mistral.rs's `kv_policy` seam → paged attention calls it for every cache write,
+//! decode step and prefix gather.
+
+mod full;
+
+use std::fmt;
+use std::sync::Arc;
+
+pub use full::FullPolicy;
+use mistralrs_core::kv_policy::{register_kv_policy, KvPolicy};
+
+/// A policy a user can select with `--kv-policy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicyKind {
+    /// Every cached token: upstream behaviour, the correctness baseline.
+    Full,
+}
+
+impl PolicyKind {
+    /// Every policy this build registers, by the name users type.
+    pub const ALL: &'static [PolicyKind] = &[PolicyKind::Full];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PolicyKind::Full => "full",
+        }
+    }
+
+    pub fn names() -> Vec<&'static str> {
+        Self::ALL.iter().map(|k| k.name()).collect()
+    }
+
+    pub fn from_name(name: &str) -> anyhow::Result<Self> {
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|k| k.name() == name)
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "unknown KV policy `{name}`; this build provides: {}",
+                    Self::names().join(", ")
+                )
+            })
+    }
+}
+
+impl fmt::Display for PolicyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A fully resolved policy selection.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PolicyConfig {
+    pub kind: PolicyKind,
+}
+
+impl PolicyConfig {
+    pub fn new(kind: PolicyKind) -> Self {
+        Self { kind }
+    }
+
+    /// One line for the startup log: the policy and every parameter it runs with.
+    pub fn describe(&self) -> String {
+        match self.kind {
+            PolicyKind::Full => "kv-policy=full (attends to every cached token; no parameters)".into(),
+        }
+    }
+
+    pub fn build(&self) -> Arc<dyn KvPolicy> {
+        match self.kind {
+            PolicyKind::Full => Arc::new(FullPolicy::new()),
+        }
+    }
+}
+
+/// Register the policy with mistral.rs. Must run before the model (and its KV cache) is loaded.
+pub fn install(config: &PolicyConfig) -> Arc<dyn KvPolicy> {
+    let policy = config.build();
+    register_kv_policy(policy.clone());
+    policy
+}

@@ -1,0 +1,308 @@
+//! `mistralrs-server`: upstream's OpenAI-compatible server (mistralrs-server-core) over a mistral.rs
+//! engine whose paged attention runs the selected KV policy.
+//!
+//! Flag names follow upstream's `mistralrs serve` where a flag exists there.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use clap::Parser;
+use mistralrs_core::{
+    get_auto_device_map_params, get_model_dtype, AutoDeviceMapParams, DeviceMapSetting,
+    LoaderBuilder, MemoryGpuConfig, MistralRsBuilder, ModelDType, ModelSelected,
+    PagedAttentionConfig, PagedCacheType, SchedulerConfig, DefaultSchedulerMethod, TokenSource,
+};
+use mistralrs_server_core::mistralrs_server_router_builder::MistralRsServerRouterBuilder;
+use tracing::info;
+
+use crate::policy::{self, PolicyConfig, PolicyKind};
+
+/// Block sizes the paged KV cache (upstream's and ours) supports.
+pub const SUPPORTED_BLOCK_SIZES: [usize; 3] = [8, 16, 32];
+
+/// Where `scripts/fetch-smollm2.sh` puts the embedded test model, relative to the workspace root.
+pub const EMBEDDED_MODEL_DIR: &str = "models/smollm2-135m-instruct-f32";
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "mistralrs-server", version, args_override_self = true, about = "OpenAI-compatible mistral.rs server with selectable KV policies (full, quest, retro)")]
+pub struct ServerArgs {
+    /// Model to serve: a Hugging Face-style directory (config.json, *.safetensors, tokenizer.json)
+    /// or a `.gguf` file. Defaults to the embedded SmolLM2-135M-Instruct (see README).
+    #[arg(long, short = 'm')]
+    pub model: Option<PathBuf>,
+
+    /// KV policy for paged attention.
+    #[arg(long, default_value = "full", value_parser = clap::builder::PossibleValuesParser::new(PolicyKind::names()))]
+    pub kv_policy: String,
+
+    /// Address to bind. Loopback unless you say otherwise.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+
+    /// Port to listen on (0 picks a free port; the chosen one is logged).
+    #[arg(long, short = 'p', default_value_t = 1234)]
+    pub port: u16,
+
+    /// Maximum number of sequences running at once.
+    #[arg(long, default_value_t = 16)]
+    pub max_seqs: usize,
+
+    /// Paged-attention block (page) size in tokens.
+    #[arg(long, default_value_t = 32)]
+    pub pa_block_size: usize,
+
+    /// KV cache size, in tokens of context across all sequences.
+    #[arg(long)]
+    pub pa_context_len: Option<usize>,
+
+    /// KV cache size in MB (ignored when --pa-context-len is given).
+    #[arg(long)]
+    pub pa_memory_mb: Option<usize>,
+
+    /// Disable paged attention: upstream's eager KV cache and attention (the policy is not used).
+    #[arg(long)]
+    pub no_paged_attn: bool,
+
+    /// Run on the CPU even when a GPU is available.
+    #[arg(long)]
+    pub cpu: bool,
+
+    /// Model dtype: auto, f32, f16, bf16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+
+    /// Disable the prefix cache.
+    #[arg(long)]
+    pub no_prefix_cache: bool,
+
+    /// Seed for sampling.
+    #[arg(long)]
+    pub seed: Option<u64>,
+
+    /// Maximum sequence length used for automatic device mapping.
+    #[arg(long, default_value_t = AutoDeviceMapParams::DEFAULT_MAX_SEQ_LEN)]
+    pub max_seq_len: usize,
+}
+
+/// Default KV cache when neither --pa-context-len nor --pa-memory-mb is given.
+const DEFAULT_PA_CONTEXT_LEN: usize = 16 * 1024;
+
+/// The model a path names.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSource {
+    SafetensorsDir(PathBuf),
+    GgufFile(PathBuf),
+}
+
+impl ModelSource {
+    pub fn from_path(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            bail!(
+                "--model {}: no such file or directory (run scripts/fetch-smollm2.sh for the embedded model)",
+                path.display()
+            );
+        }
+        if path.is_dir() {
+            for needed in ["config.json", "tokenizer.json"] {
+                if !path.join(needed).is_file() {
+                    bail!("--model {}: directory has no {needed}", path.display());
+                }
+            }
+            return Ok(Self::SafetensorsDir(path.to_path_buf()));
+        }
+        let mut magic = [0u8; 4];
+        use std::io::Read;
+        std::fs::File::open(path)
+            .and_then(|mut f| f.read_exact(&mut magic))
+            .with_context(|| format!("--model {}: cannot read", path.display()))?;
+        if &magic != b"GGUF" {
+            bail!("--model {}: not a GGUF file and not a model directory", path.display());
+        }
+        Ok(Self::GgufFile(path.to_path_buf()))
+    }
+
+    fn selected(&self, dtype: ModelDType, max_seq_len: usize) -> Result<ModelSelected> {
+        let utf8 = |p: &Path| {
+            p.to_str()
+                .map(str::to_owned)
+                .with_context(|| format!("model path {} is not UTF-8", p.display()))
+        };
+        Ok(match self {
+            ModelSource::SafetensorsDir(dir) => ModelSelected::Plain {
+                model_id: utf8(dir)?,
+                tokenizer_json: None,
+                arch: None,
+                dtype,
+                topology: None,
+                organization: None,
+                write_uqff: None,
+                from_uqff: None,
+                imatrix: None,
+                calibration_file: None,
+                max_seq_len,
+                max_batch_size: AutoDeviceMapParams::DEFAULT_MAX_BATCH_SIZE,
+                hf_cache_path: None,
+                matformer_config_path: None,
+                matformer_slice_name: None,
+            },
+            ModelSource::GgufFile(file) => {
+                let dir = file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                let name = file.file_name().context("GGUF path has no file name")?;
+                ModelSelected::GGUF {
+                    tok_model_id: None,
+                    quantized_model_id: utf8(dir)?,
+                    quantized_filename: utf8(Path::new(name))?,
+                    dtype,
+                    topology: None,
+                    max_seq_len,
+                    max_batch_size: AutoDeviceMapParams::DEFAULT_MAX_BATCH_SIZE,
+                }
+            }
+        })
+    }
+}
+
+impl ServerArgs {
+    /// Check every flag before anything is loaded, so a bad value fails fast with its name.
+    pub fn validate(&self) -> Result<(PolicyConfig, ModelSource)> {
+        if !SUPPORTED_BLOCK_SIZES.contains(&self.pa_block_size) {
+            bail!(
+                "--pa-block-size {}: must be one of {:?}",
+                self.pa_block_size,
+                SUPPORTED_BLOCK_SIZES
+            );
+        }
+        if self.max_seqs == 0 {
+            bail!("--max-seqs 0: must be at least 1");
+        }
+        if self.pa_context_len == Some(0) {
+            bail!("--pa-context-len 0: must be at least one block");
+        }
+        if self.pa_memory_mb == Some(0) {
+            bail!("--pa-memory-mb 0: must be at least 1");
+        }
+        self.dtype
+            .parse::<ModelDType>()
+            .map_err(|e| anyhow::anyhow!("--dtype {}: {e} (allowed: auto, f32, f16, bf16)", self.dtype))?;
+        let kind = PolicyKind::from_name(&self.kv_policy)
+            .with_context(|| format!("--kv-policy {}", self.kv_policy))?;
+        let model = self.model.clone().unwrap_or_else(|| PathBuf::from(EMBEDDED_MODEL_DIR));
+        let source = ModelSource::from_path(&model)?;
+        Ok((PolicyConfig::new(kind), source))
+    }
+
+    fn paged_attn_config(&self) -> Result<Option<PagedAttentionConfig>> {
+        if self.no_paged_attn {
+            return Ok(None);
+        }
+        let mem = match (self.pa_context_len, self.pa_memory_mb) {
+            (Some(ctx), _) => MemoryGpuConfig::ContextSize(ctx),
+            (None, Some(mb)) => MemoryGpuConfig::MbAmount(mb),
+            (None, None) => MemoryGpuConfig::ContextSize(DEFAULT_PA_CONTEXT_LEN),
+        };
+        Ok(Some(PagedAttentionConfig::new(Some(self.pa_block_size), mem, PagedCacheType::Auto)?))
+    }
+}
+
+fn device(force_cpu: bool) -> Result<Device> {
+    if force_cpu {
+        return Ok(Device::Cpu);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        return Ok(Device::cuda_if_available(0)?);
+    }
+    #[allow(unreachable_code)]
+    Ok(Device::Cpu)
+}
+
+/// Load the model with the policy installed, and build the engine.
+pub async fn build_engine(args: &ServerArgs) -> Result<mistralrs_server_core::types::SharedMistralRsState> {
+    let (policy_config, source) = args.validate()?;
+    // Never reach for the hub: models are local paths.
+    std::env::set_var("HF_HUB_OFFLINE", "1");
+
+    let paged = args.paged_attn_config()?;
+    if paged.is_some() {
+        policy::install(&policy_config);
+        info!("{}", policy_config.describe());
+    } else {
+        info!("paged attention disabled (--no-paged-attn): upstream eager attention, kv-policy unused");
+    }
+
+    let dtype: ModelDType = args.dtype.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    let selected = source.selected(dtype, args.max_seq_len)?;
+    let model_dtype = get_model_dtype(&selected)?;
+    let mapper = DeviceMapSetting::Auto(get_auto_device_map_params(&selected)?);
+    let device = device(args.cpu)?;
+    if let Some(seed) = args.seed {
+        device.set_seed(seed)?;
+    }
+
+    let loader = LoaderBuilder::new(selected).build()?;
+    info!("loading {:?} on {:?}", source, device.location());
+    let pipeline = loader.load_model_from_hf(
+        None,
+        TokenSource::None,
+        &model_dtype,
+        &device,
+        false,
+        mapper,
+        None,
+        paged,
+    )?;
+
+    let cache_config = pipeline.lock().await.get_metadata().cache_config.clone();
+    let scheduler = match cache_config {
+        Some(config) => SchedulerConfig::PagedAttentionMeta { max_num_seqs: args.max_seqs, config },
+        None => SchedulerConfig::DefaultScheduler {
+            method: DefaultSchedulerMethod::Fixed(
+                args.max_seqs.try_into().context("--max-seqs must be at least 1")?,
+            ),
+        },
+    };
+    Ok(MistralRsBuilder::new(pipeline, scheduler, true, None)
+        .with_no_prefix_cache(args.no_prefix_cache)
+        .build()
+        .await)
+}
+
+/// Serve until SIGINT/SIGTERM.
+pub async fn serve(args: ServerArgs) -> Result<()> {
+    let engine = build_engine(&args).await?;
+    let app = MistralRsServerRouterBuilder::new()
+        .with_mistralrs(engine)
+        .build()
+        .await?;
+    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("cannot bind --host {} --port {}", args.host, args.port))?;
+    let addr: SocketAddr = listener.local_addr()?;
+    info!("listening on http://{addr} (kv-policy={})", args.kv_policy);
+    println!("mistralrs-server ready on http://{addr}");
+    println!(
+        "  try: curl http://{addr}/v1/chat/completions -H 'Content-Type: application/json' \\\n         -d '{{\"model\":\"default\",\"messages\":[{{\"role\":\"user\",\"content\":\"What is the capital of France?\"}}],\"max_tokens\":32}}'"
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    info!("shut down");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

@@ -1,0 +1,210 @@
+//! Helpers shared by the integration tests: start `mistralrs-server` on a free loopback port, talk
+//! HTTP/1.1 to it with nothing but std, and stop it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+pub fn server_exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_mistralrs-server"))
+}
+
+/// The f32 SmolLM2 directory; `scripts/fetch-smollm2.sh` creates it (the test command runs it).
+pub fn smollm2_dir() -> PathBuf {
+    let dir = workspace_root().join("models/smollm2-135m-instruct-f32");
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "{} is missing: run scripts/fetch-smollm2.sh",
+        dir.display()
+    );
+    dir
+}
+
+pub fn smollm2_gguf() -> PathBuf {
+    let file = workspace_root().join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(file.is_file(), "{} is missing: run scripts/fetch-smollm2.sh", file.display());
+    file
+}
+
+/// Run the server binary to completion (for arguments that must fail before serving).
+pub fn run_server_expecting_exit(args: &[&str]) -> (i32, String) {
+    let out = Command::new(server_exe())
+        .args(args)
+        .current_dir(workspace_root())
+        .stdin(Stdio::null())
+        .output()
+        .expect("cannot run mistralrs-server");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+pub struct Server {
+    child: Child,
+    pub port: u16,
+    pub log: mpsc::Receiver<String>,
+}
+
+impl Server {
+    /// Start on port 0 and wait (up to 5 minutes) for the "ready on" line that names the port.
+    pub fn start(args: &[&str]) -> Server {
+        let mut child = Command::new(server_exe())
+            .args(["--port", "0", "--host", "127.0.0.1"])
+            .args(args)
+            .current_dir(workspace_root())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start mistralrs-server");
+        let (tx, log) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let tx_err = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx_err.send(line);
+            }
+        });
+        let stdout = child.stdout.take().unwrap();
+        let (port_tx, port_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("ready on http://").nth(1) {
+                    let port = rest.rsplit(':').next().and_then(|p| p.trim().parse::<u16>().ok());
+                    let _ = port_tx.send(port);
+                }
+                let _ = tx.send(line);
+            }
+        });
+        match port_rx.recv_timeout(Duration::from_secs(300)) {
+            Ok(Some(port)) => Server { child, port, log },
+            other => {
+                let _ = child.kill();
+                let lines: Vec<String> = log.try_iter().collect();
+                panic!("server did not become ready ({other:?}); log:\n{}", lines.join("\n"));
+            }
+        }
+    }
+
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.try_iter().collect()
+    }
+
+    /// One HTTP/1.1 request; returns (status, body).
+    pub fn request(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
+        http_request(self.port, method, path, body)
+    }
+
+    pub fn post_json(&self, path: &str, body: &Value) -> Value {
+        let (status, text) = self.request("POST", path, Some(body));
+        assert_eq!(status, 200, "POST {path} -> {status}: {text}");
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad JSON from {path}: {e}: {text}"))
+    }
+
+    /// Greedy chat completion; returns the assistant's text.
+    pub fn greedy_chat(&self, prompt: &str, max_tokens: usize) -> String {
+        let body = serde_json::json!({
+            "model": "default",
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+        });
+        let v = self.post_json("/v1/chat/completions", &body);
+        v["choices"][0]["message"]["content"].as_str().expect("no content").to_string()
+    }
+
+    /// Greedy raw completion; returns the text.
+    pub fn greedy_completion(&self, prompt: &str, max_tokens: usize) -> String {
+        let body = serde_json::json!({
+            "model": "default",
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+        });
+        let v = self.post_json("/v1/completions", &body);
+        v["choices"][0]["text"].as_str().expect("no text").to_string()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SIGTERM first so the server's graceful shutdown runs; then make sure it is gone.
+        #[cfg(unix)]
+        unsafe {
+            libc_kill(self.child.id() as i32, 15);
+        }
+        for _ in 0..50 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[cfg(unix)]
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+pub fn http_request(port: u16, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(600))).unwrap();
+    let payload = body.map(|b| b.to_string()).unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
+        payload.len()
+    );
+    stream.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("no header end");
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut body = raw[split + 4..].to_vec();
+    let status: u16 = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("status");
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        body = dechunk(&body);
+    }
+    (status, String::from_utf8_lossy(&body).to_string())
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = data.windows(2).position(|w| w == b"\r\n") else { break };
+        let size_str = String::from_utf8_lossy(&data[..eol]);
+        let size = usize::from_str_radix(size_str.split(';').next().unwrap().trim(), 16).unwrap_or(0);
+        data = &data[eol + 2..];
+        if size == 0 || data.len() < size {
+            break;
+        }
+        out.extend_from_slice(&data[..size]);
+        data = &data[(size + 2).min(data.len())..];
+    }
+    out
+}
+
+/// The `data:` payloads of a server-sent-event stream, `[DONE]` included.
+pub fn sse_events(body: &str) -> Vec<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|l| l.trim().to_string())
+        .collect()
+}
