@@ -37,7 +37,7 @@ PY
 fi
 
 # The conversion is ours; re-run it when the converter's source changes.
-stamp=$(cat "$root"/mistralrs-retro/src/convert*.rs "$root"/mistralrs-retro/src/convert/*.rs 2>/dev/null | sha256sum | cut -d' ' -f1)
+stamp=$(find "$root/mistralrs-retro/src/convert" "$root/mistralrs-retro/src/bin/convert-gguf.rs" -name '*.rs' -type f | sort | xargs cat | sha256sum | cut -d' ' -f1)
 if [ ! -f "$hf_dir/.convert-stamp" ] || [ "$(cat "$hf_dir/.convert-stamp")" != "$stamp" ]; then
   echo "fetch-smollm2: converting to f32 safetensors in $hf_dir" >&2
   "$root/scripts/prepare-upstream.sh"

@@ -7,36 +7,44 @@ use std::collections::HashMap;
 use common::{smollm2_dir, smollm2_gguf, Server};
 use serde_json::{json, Value};
 
-fn top_logprobs(server: &Server, prompt: &str) -> Vec<(String, f64)> {
+/// The greedy step's top-20 next-token *logits*, as (token id, logit).
+///
+/// Upstream 0.8.1's argmax sampler fills `top_logprobs[].logprob` with log10 of the raw logit (it
+/// calls `log(10)` on the logits vector, see `sample_argmax` in sampler.rs), and `token` with the id,
+/// so the logit is `10^logprob`. The top-20 logits of this model are positive, so that is exact.
+fn top_logits(server: &Server, prompt: &str) -> Vec<(u64, f64)> {
     let v: Value = server.post_json(
         "/v1/chat/completions",
         &json!({"model": "default", "messages": [{"role": "user", "content": prompt}],
                 "max_tokens": 1, "temperature": 0.0, "logprobs": true, "top_logprobs": 20}),
     );
-    v["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+    let top = v["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
         .as_array()
-        .unwrap_or_else(|| panic!("no top_logprobs in {v}"))
-        .iter()
-        .map(|t| (t["token"].as_str().unwrap().to_string(), t["logprob"].as_f64().unwrap()))
+        .unwrap_or_else(|| panic!("no top_logprobs in {v}"));
+    top.iter()
+        .map(|t| {
+            let id = t["token"].as_u64().unwrap_or_else(|| panic!("token id in {t}"));
+            let logit = 10f64.powf(t["logprob"].as_f64().unwrap_or_else(|| panic!("logprob in {t}")));
+            assert!(logit.is_finite() && logit > 0.0, "unexpected top logit {t}");
+            (id, logit)
+        })
         .collect()
 }
 
-/// KL(p ‖ q) over p's top tokens, both renormalised to that support. A token of p's top list that is
-/// missing from q's top list gets q's smallest listed probability, an upper bound on its true value.
-fn kl_on_top_support(p: &[(String, f64)], q: &[(String, f64)]) -> f64 {
-    let q_map: HashMap<&str, f64> = q.iter().map(|(t, lp)| (t.as_str(), lp.exp())).collect();
-    let q_floor = q.iter().map(|(_, lp)| lp.exp()).fold(f64::INFINITY, f64::min);
-    let p_probs: Vec<f64> = p.iter().map(|(_, lp)| lp.exp()).collect();
-    let q_probs: Vec<f64> = p.iter().map(|(t, _)| *q_map.get(t.as_str()).unwrap_or(&q_floor)).collect();
-    let (p_sum, q_sum): (f64, f64) = (p_probs.iter().sum(), q_probs.iter().sum());
-    p_probs
-        .iter()
-        .zip(&q_probs)
-        .map(|(pi, qi)| {
-            let (pi, qi) = (pi / p_sum, qi / q_sum);
-            if pi > 0.0 { pi * (pi / qi).ln() } else { 0.0 }
-        })
-        .sum()
+/// KL(p ‖ q) of the softmax of both models' logits over p's top tokens. A token of p's top list
+/// missing from q's gets q's smallest listed logit, an upper bound on its true logit.
+fn kl_on_top_support(p: &[(u64, f64)], q: &[(u64, f64)]) -> f64 {
+    let q_map: HashMap<u64, f64> = q.iter().copied().collect();
+    let q_floor = q.iter().map(|(_, l)| *l).fold(f64::INFINITY, f64::min);
+    let softmax = |logits: Vec<f64>| {
+        let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let exps: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
+        let sum: f64 = exps.iter().sum();
+        exps.into_iter().map(|e| e / sum).collect::<Vec<_>>()
+    };
+    let p_probs = softmax(p.iter().map(|(_, l)| *l).collect());
+    let q_probs = softmax(p.iter().map(|(t, _)| *q_map.get(t).unwrap_or(&q_floor)).collect());
+    p_probs.iter().zip(&q_probs).map(|(pi, qi)| pi * (pi / qi).ln()).sum()
 }
 
 #[test]
@@ -45,12 +53,12 @@ fn safetensors_and_gguf_agree() {
     let dir = smollm2_dir();
     let (f32_paris, f32_top) = {
         let server = Server::start(&["--model", dir.to_str().unwrap(), "--cpu"]);
-        (server.greedy_completion("The capital of France is", 8), top_logprobs(&server, prompt))
+        (server.greedy_completion("The capital of France is", 8), top_logits(&server, prompt))
     };
     let gguf = smollm2_gguf();
     let (gguf_paris, gguf_top) = {
         let server = Server::start(&["--model", gguf.to_str().unwrap(), "--cpu"]);
-        (server.greedy_completion("The capital of France is", 8), top_logprobs(&server, prompt))
+        (server.greedy_completion("The capital of France is", 8), top_logits(&server, prompt))
     };
     assert!(f32_paris.contains("Paris"), "f32 conversion: {f32_paris:?}");
     assert!(gguf_paris.contains("Paris"), "GGUF: {gguf_paris:?}");

@@ -8,8 +8,6 @@ use std::sync::RwLockReadGuard;
 
 /// A dtype a paged cache (or a kernel output) may hold; all arithmetic happens in f32.
 pub(crate) trait CacheElem: WithDType + Copy + Send + Sync {
-    fn to_f32(self) -> f32;
-
     /// `src` viewed as f32: f32 borrows `src` itself, other types convert into `staging`, which
     /// must be exactly as long as `src`.
     fn as_f32_slice<'a>(src: &'a [Self], staging: &'a mut [f32]) -> &'a [f32];
@@ -20,11 +18,6 @@ pub(crate) trait CacheElem: WithDType + Copy + Send + Sync {
 }
 
 impl CacheElem for f32 {
-    #[inline]
-    fn to_f32(self) -> f32 {
-        self
-    }
-
     #[inline]
     fn as_f32_slice<'a>(src: &'a [Self], _staging: &'a mut [f32]) -> &'a [f32] {
         src
@@ -47,11 +40,6 @@ impl CacheElem for f32 {
 macro_rules! impl_half_cache_elem {
     ($ty:ty, $variant:ident) => {
         impl CacheElem for $ty {
-            #[inline]
-            fn to_f32(self) -> f32 {
-                <$ty>::to_f32(self)
-            }
-
             #[inline]
             fn as_f32_slice<'a>(src: &'a [Self], staging: &'a mut [f32]) -> &'a [f32] {
                 src.convert_to_f32_slice(staging);
@@ -126,7 +114,9 @@ impl CacheGeometry {
         let chunk = key_chunk_len(dtype);
         let (num_blocks, kv_heads, chunks, block_size, x) = match key_cache.dims() {
             &[a, b, c, d, e] => (a, b, c, d, e),
-            dims => bail!("key_cache must be [blocks, kv_heads, head_dim/x, block_size, x], got {dims:?}"),
+            dims => bail!(
+                "key_cache must be [blocks, kv_heads, head_dim/x, block_size, x], got {dims:?}"
+            ),
         };
         if x != chunk {
             bail!("key_cache innermost dim is {x}, expected x = 16 / sizeof({dtype:?}) = {chunk}");
@@ -141,14 +131,24 @@ impl CacheGeometry {
             );
         }
         if block_size == 0 || head_dim == 0 || kv_heads == 0 {
-            bail!("paged caches have an empty dimension: key_cache {:?}", key_cache.dims());
+            bail!(
+                "paged caches have an empty dimension: key_cache {:?}",
+                key_cache.dims()
+            );
         }
         for (t, what) in [(key_cache, "key_cache"), (value_cache, "value_cache")] {
             if !t.is_contiguous() {
                 bail!("{what} must be contiguous");
             }
         }
-        Ok(Self { dtype, num_blocks, kv_heads, head_dim, block_size, chunk })
+        Ok(Self {
+            dtype,
+            num_blocks,
+            kv_heads,
+            head_dim,
+            block_size,
+            chunk,
+        })
     }
 
     /// Elements of one (block, kv head) page, identical for key and value caches.
@@ -182,27 +182,44 @@ impl CacheGeometry {
         d * self.block_size + off
     }
 
-    /// Converts the first `tokens` tokens of a key page into row-major `[tokens][head_dim]` f32.
+    /// Rearranges the first `tokens` tokens of an f32 key page into row-major
+    /// `[tokens][head_dim]`.
     #[inline]
-    pub fn key_page_to_rows<T: CacheElem>(&self, page: &[T], staging: &mut [f32], tokens: usize, rows: &mut [f32]) {
-        let page = T::as_f32_slice(page, staging);
-        let (x, hd) = (self.chunk, self.head_dim);
-        for (c, chunk_rows) in page.chunks_exact(self.block_size * x).enumerate() {
-            for (t, src) in chunk_rows.chunks_exact(x).take(tokens).enumerate() {
-                rows[t * hd + c * x..t * hd + (c + 1) * x].copy_from_slice(src);
-            }
+    pub fn key_page_to_rows(&self, page: &[f32], tokens: usize, rows: &mut [f32]) {
+        // A compile-time chunk length turns each chunk copy into plain vector moves.
+        match self.chunk {
+            4 => key_chunks_to_rows::<4>(page, self.block_size, self.head_dim, tokens, rows),
+            8 => key_chunks_to_rows::<8>(page, self.block_size, self.head_dim, tokens, rows),
+            other => unreachable!("key chunk {other}: only 4-byte and 2-byte dtypes are admitted"),
         }
     }
 
-    /// Converts the first `tokens` tokens of a value page into row-major `[tokens][head_dim]` f32.
+    /// Rearranges the first `tokens` tokens of an f32 value page into row-major
+    /// `[tokens][head_dim]`.
     #[inline]
-    pub fn value_page_to_rows<T: CacheElem>(&self, page: &[T], staging: &mut [f32], tokens: usize, rows: &mut [f32]) {
-        let page = T::as_f32_slice(page, staging);
+    pub fn value_page_to_rows(&self, page: &[f32], tokens: usize, rows: &mut [f32]) {
         let hd = self.head_dim;
         for (d, across_tokens) in page.chunks_exact(self.block_size).enumerate() {
             for (t, &v) in across_tokens[..tokens].iter().enumerate() {
                 rows[t * hd + d] = v;
             }
+        }
+    }
+}
+
+#[inline]
+fn key_chunks_to_rows<const X: usize>(
+    page: &[f32],
+    block_size: usize,
+    head_dim: usize,
+    tokens: usize,
+    rows: &mut [f32],
+) {
+    for (c, chunk_rows) in page.chunks_exact(block_size * X).enumerate() {
+        let (chunks, _) = chunk_rows.as_chunks::<X>();
+        for (t, src) in chunks[..tokens].iter().enumerate() {
+            let dst: &mut [f32; X] = (&mut rows[t * head_dim + c * X..][..X]).try_into().unwrap();
+            *dst = *src;
         }
     }
 }
@@ -221,7 +238,11 @@ impl<'a> CpuRead<'a> {
         if !layout.is_contiguous() {
             bail!("{what} must be contiguous");
         }
-        Ok(Self { storage, layout, what })
+        Ok(Self {
+            storage,
+            layout,
+            what,
+        })
     }
 
     pub fn slice<T: WithDType>(&self) -> Result<&[T]> {
@@ -259,7 +280,10 @@ impl BlockTables {
         if rows != batch {
             bail!("block_tables has {rows} rows but the batch has {batch} sequences");
         }
-        Ok(Self { entries, max_blocks })
+        Ok(Self {
+            entries,
+            max_blocks,
+        })
     }
 
     pub fn of(&self, seq: usize) -> &[u32] {
@@ -267,7 +291,12 @@ impl BlockTables {
     }
 
     /// Checks that sequence `seq`'s first `tokens` tokens lie in valid blocks of `geometry`.
-    pub fn check_sequence(&self, seq: usize, tokens: usize, geometry: &CacheGeometry) -> Result<()> {
+    pub fn check_sequence(
+        &self,
+        seq: usize,
+        tokens: usize,
+        geometry: &CacheGeometry,
+    ) -> Result<()> {
         let pages = tokens.div_ceil(geometry.block_size);
         if pages > self.max_blocks {
             bail!(
@@ -275,8 +304,14 @@ impl BlockTables {
                 self.max_blocks
             );
         }
-        if let Some(&bad) = self.of(seq)[..pages].iter().find(|&&b| b as usize >= geometry.num_blocks) {
-            bail!("sequence {seq} uses block {bad}, but the cache has {} blocks", geometry.num_blocks);
+        if let Some(&bad) = self.of(seq)[..pages]
+            .iter()
+            .find(|&&b| b as usize >= geometry.num_blocks)
+        {
+            bail!(
+                "sequence {seq} uses block {bad}, but the cache has {} blocks",
+                geometry.num_blocks
+            );
         }
         Ok(())
     }

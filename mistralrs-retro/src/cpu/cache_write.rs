@@ -18,14 +18,22 @@ pub fn write_kv(
     slot_mapping: &Tensor,
 ) -> Result<()> {
     let geometry = CacheGeometry::of(key_cache, value_cache)?;
-    for (t, what) in [(key, "key"), (value, "value"), (slot_mapping, "slot_mapping")] {
+    for (t, what) in [
+        (key, "key"),
+        (value, "value"),
+        (slot_mapping, "slot_mapping"),
+    ] {
         ensure_cpu(t, what)?;
     }
     ensure_float_dtype(key.dtype(), "key")?;
     ensure_float_dtype(value.dtype(), "value")?;
     let (rows, kv_heads, head_dim) = key.dims3()?;
     if value.dims() != key.dims() {
-        bail!("value shape {:?} differs from key shape {:?}", value.dims(), key.dims());
+        bail!(
+            "value shape {:?} differs from key shape {:?}",
+            value.dims(),
+            key.dims()
+        );
     }
     if (kv_heads, head_dim) != (geometry.kv_heads, geometry.head_dim) {
         bail!(
@@ -38,16 +46,36 @@ pub fn write_kv(
         bail!("slot_mapping must be i64, got {:?}", slot_mapping.dtype());
     }
     if slot_mapping.dims() != [rows] {
-        bail!("slot_mapping shape {:?} does not match {rows} rows", slot_mapping.dims());
+        bail!(
+            "slot_mapping shape {:?} does not match {rows} rows",
+            slot_mapping.dims()
+        );
     }
     // Slots are range-checked inside the op, before its first write; the key write fails first,
     // so a bad slot leaves both caches untouched.
     let slots = slot_mapping.contiguous()?;
     let key = key.to_dtype(geometry.dtype)?.contiguous()?;
     let value = value.to_dtype(geometry.dtype)?.contiguous()?;
-    key_cache.inplace_op3(&key, &slots, &WriteRows { geometry, target: CacheKind::Key })?;
-    value_cache.inplace_op3(&value, &slots, &WriteRows { geometry, target: CacheKind::Value })
+    key_cache.inplace_op3(
+        &key,
+        &slots,
+        &WriteRows {
+            geometry,
+            target: CacheKind::Key,
+        },
+    )?;
+    value_cache.inplace_op3(
+        &value,
+        &slots,
+        &WriteRows {
+            geometry,
+            target: CacheKind::Value,
+        },
+    )
 }
+
+/// One cache block and the (slot, row) writes that land in it.
+type BlockWrites<'a, T> = (&'a mut [T], &'a [(usize, usize)]);
 
 #[derive(Clone, Copy)]
 enum CacheKind {
@@ -79,9 +107,20 @@ impl InplaceOp3 for WriteRows {
         slots_layout: &Layout,
     ) -> Result<()> {
         match self.geometry.dtype {
-            DType::F32 => self.write::<f32>(cache, cache_layout, rows, rows_layout, slots, slots_layout),
-            DType::F16 => self.write::<half::f16>(cache, cache_layout, rows, rows_layout, slots, slots_layout),
-            DType::BF16 => self.write::<half::bf16>(cache, cache_layout, rows, rows_layout, slots, slots_layout),
+            DType::F32 => {
+                self.write::<f32>(cache, cache_layout, rows, rows_layout, slots, slots_layout)
+            }
+            DType::F16 => {
+                self.write::<half::f16>(cache, cache_layout, rows, rows_layout, slots, slots_layout)
+            }
+            DType::BF16 => self.write::<half::bf16>(
+                cache,
+                cache_layout,
+                rows,
+                rows_layout,
+                slots,
+                slots_layout,
+            ),
             other => bail!("{}: unsupported cache dtype {other:?}", self.name()),
         }
     }
@@ -113,7 +152,10 @@ impl WriteRows {
         let slots = &slots.as_slice::<i64>()?[contiguous_range(slots_layout, "slot_mapping")?];
         let row_len = g.kv_heads * g.head_dim;
         if cache.len() != g.num_blocks * g.block_len() || rows.len() != slots.len() * row_len {
-            bail!("{}: storage sizes do not match the validated shapes", self.name());
+            bail!(
+                "{}: storage sizes do not match the validated shapes",
+                self.name()
+            );
         }
 
         // (slot, row) sorted by slot, so each block's rows are adjacent; ties keep row order, so a
@@ -125,7 +167,10 @@ impl WriteRows {
             }
             let slot = slot as usize;
             if slot >= g.capacity_tokens() {
-                bail!("slot {slot} is out of range: the caches hold {} tokens", g.capacity_tokens());
+                bail!(
+                    "slot {slot} is out of range: the caches hold {} tokens",
+                    g.capacity_tokens()
+                );
             }
             targets.push((slot, row));
         }
@@ -142,7 +187,7 @@ impl WriteRows {
 
         targets.sort_unstable();
         // Hand each touched block's slice to one task; blocks are disjoint, so no locking.
-        let mut per_block: Vec<(&mut [T], &[(usize, usize)])> = Vec::new();
+        let mut per_block: Vec<BlockWrites<T>> = Vec::new();
         let mut rest = cache;
         let mut rest_first_block = 0;
         let mut remaining = &targets[..];
@@ -157,11 +202,13 @@ impl WriteRows {
             rest_first_block = block + 1;
             remaining = later;
         }
-        per_block.into_par_iter().for_each(|(block_data, block_targets)| {
-            for &(slot, row) in block_targets {
-                self.write_row(block_data, slot % g.block_size, row_of(row));
-            }
-        });
+        per_block
+            .into_par_iter()
+            .for_each(|(block_data, block_targets)| {
+                for &(slot, row) in block_targets {
+                    self.write_row(block_data, slot % g.block_size, row_of(row));
+                }
+            });
         Ok(())
     }
 
@@ -215,7 +262,9 @@ mod tests {
             for h in 0..kv_heads {
                 for d in 0..head_dim {
                     let src = (row * kv_heads + h) * head_dim + d;
-                    let key_at = (((block * kv_heads + h) * (head_dim / x) + d / x) * block_size + off) * x + d % x;
+                    let key_at =
+                        (((block * kv_heads + h) * (head_dim / x) + d / x) * block_size + off) * x
+                            + d % x;
                     let value_at = ((block * kv_heads + h) * head_dim + d) * block_size + off;
                     key_cache[key_at] = keys[src];
                     value_cache[value_at] = values[src];
@@ -227,8 +276,17 @@ mod tests {
 
     /// Rows `[rows, kv_heads, head_dim]` as a non-contiguous view of a `[kv_heads, rows, head_dim]`
     /// tensor.
-    fn strided_rows(rng: &mut Rng, rows: usize, kv_heads: usize, head_dim: usize, dtype: DType) -> Tensor {
-        let rows_view = rng.tensor(&[kv_heads, rows, head_dim], 2.0, dtype).transpose(0, 1).unwrap();
+    fn strided_rows(
+        rng: &mut Rng,
+        rows: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+    ) -> Tensor {
+        let rows_view = rng
+            .tensor(&[kv_heads, rows, head_dim], 2.0, dtype)
+            .transpose(0, 1)
+            .unwrap();
         assert!(!rows_view.is_contiguous() || kv_heads == 1 || rows == 1);
         rows_view
     }
@@ -236,19 +294,33 @@ mod tests {
     #[test]
     fn write_kv_places_every_element_and_leaves_the_rest() {
         let mut rng = Rng::new(1);
-        let (kv_heads, head_dim, num_blocks) = (3, 64, 12);
+        // 30 blocks of 8 still hold the largest write (200 rows).
+        let (kv_heads, head_dim, num_blocks) = (3, 64, 30);
         for cache_dtype in [DType::F32, DType::F16, DType::BF16] {
             for block_size in [8, 16, 32] {
-                for (rows, source_dtype) in [(5, cache_dtype), (40, DType::F32), (150, cache_dtype), (200, DType::F32)] {
-                    let (key_cache, value_cache) =
-                        garbage_caches(&mut rng, num_blocks, kv_heads, head_dim, block_size, cache_dtype);
-                    let (key_before, value_before) = (to_f32_vec(&key_cache), to_f32_vec(&value_cache));
+                for (rows, source_dtype) in [
+                    (5, cache_dtype),
+                    (40, DType::F32),
+                    (150, cache_dtype),
+                    (200, DType::F32),
+                ] {
+                    let (key_cache, value_cache) = garbage_caches(
+                        &mut rng,
+                        num_blocks,
+                        kv_heads,
+                        head_dim,
+                        block_size,
+                        cache_dtype,
+                    );
+                    let (key_before, value_before) =
+                        (to_f32_vec(&key_cache), to_f32_vec(&value_cache));
                     let keys = strided_rows(&mut rng, rows, kv_heads, head_dim, source_dtype);
                     let values = strided_rows(&mut rng, rows, kv_heads, head_dim, source_dtype);
                     let mut free_slots: Vec<i64> = (0..(num_blocks * block_size) as i64).collect();
                     rng.shuffle(&mut free_slots);
-                    let slots: Vec<i64> =
-                        (0..rows).map(|r| if rng.below(5) == 0 { -1 } else { free_slots[r] }).collect();
+                    let slots: Vec<i64> = (0..rows)
+                        .map(|r| if rng.below(5) == 0 { -1 } else { free_slots[r] })
+                        .collect();
                     let slot_tensor = Tensor::from_vec(slots.clone(), rows, &Device::Cpu).unwrap();
 
                     write_kv(&keys, &values, &key_cache, &value_cache, &slot_tensor).unwrap();
@@ -266,9 +338,17 @@ mod tests {
                         block_size,
                         key_chunk(cache_dtype),
                     );
-                    let what = format!("{cache_dtype:?} cache, block {block_size}, {rows} {source_dtype:?} rows");
-                    assert!(to_f32_vec(&key_cache) == key_expected, "key cache differs: {what}");
-                    assert!(to_f32_vec(&value_cache) == value_expected, "value cache differs: {what}");
+                    let what = format!(
+                        "{cache_dtype:?} cache, block {block_size}, {rows} {source_dtype:?} rows"
+                    );
+                    assert!(
+                        to_f32_vec(&key_cache) == key_expected,
+                        "key cache differs: {what}"
+                    );
+                    assert!(
+                        to_f32_vec(&value_cache) == value_expected,
+                        "value cache differs: {what}"
+                    );
                 }
             }
         }
@@ -281,10 +361,18 @@ mod tests {
             let (key_cache, value_cache) = garbage_caches(&mut rng, 16, 2, 64, 16, DType::F32);
             let keys = rng.tensor(&[rows, 2, 64], 1.0, DType::F32);
             let values = rng.tensor(&[rows, 2, 64], 1.0, DType::F32);
-            let mut slots: Vec<i64> = (0..rows as i64).map(|r| if r == 1 { 7 } else { r + 20 }).collect();
+            let mut slots: Vec<i64> = (0..rows as i64)
+                .map(|r| if r == 1 { 7 } else { r + 20 })
+                .collect();
             slots[rows - 1] = 7;
-            write_kv(&keys, &values, &key_cache, &value_cache, &Tensor::new(slots.as_slice(), &Device::Cpu).unwrap())
-                .unwrap();
+            write_kv(
+                &keys,
+                &values,
+                &key_cache,
+                &value_cache,
+                &Tensor::new(slots.as_slice(), &Device::Cpu).unwrap(),
+            )
+            .unwrap();
             // Slot 7 = block 0, offset 7: value element d of head 0 sits at d * 16 + 7.
             let last_values = to_f32_vec(&values.get(rows - 1).unwrap());
             let cached = to_f32_vec(&value_cache);
@@ -303,13 +391,30 @@ mod tests {
         let slots = |s: &[i64]| Tensor::new(s, &Device::Cpu).unwrap();
 
         let out_of_range = write_kv(&keys, &keys, &key_cache, &value_cache, &slots(&[0, 32, 1]));
-        assert!(out_of_range.unwrap_err().to_string().contains("out of range"));
+        assert!(out_of_range
+            .unwrap_err()
+            .to_string()
+            .contains("out of range"));
 
         let wrong_heads = rng.tensor(&[3, 4, 64], 1.0, DType::F16);
-        assert!(write_kv(&wrong_heads, &wrong_heads, &key_cache, &value_cache, &slots(&[0, 1, 2])).is_err());
+        assert!(write_kv(
+            &wrong_heads,
+            &wrong_heads,
+            &key_cache,
+            &value_cache,
+            &slots(&[0, 1, 2])
+        )
+        .is_err());
 
         let wrong_dim = rng.tensor(&[3, 2, 32], 1.0, DType::F16);
-        assert!(write_kv(&wrong_dim, &wrong_dim, &key_cache, &value_cache, &slots(&[0, 1, 2])).is_err());
+        assert!(write_kv(
+            &wrong_dim,
+            &wrong_dim,
+            &key_cache,
+            &value_cache,
+            &slots(&[0, 1, 2])
+        )
+        .is_err());
 
         let short_slots = slots(&[0, 1]);
         assert!(write_kv(&keys, &keys, &key_cache, &value_cache, &short_slots).is_err());
@@ -318,7 +423,14 @@ mod tests {
         assert!(write_kv(&keys, &keys, &key_cache, &value_cache, &u32_slots).is_err());
 
         let (_, f32_value_cache) = garbage_caches(&mut rng, 4, 2, 64, 8, DType::F32);
-        assert!(write_kv(&keys, &keys, &key_cache, &f32_value_cache, &slots(&[0, 1, 2])).is_err());
+        assert!(write_kv(
+            &keys,
+            &keys,
+            &key_cache,
+            &f32_value_cache,
+            &slots(&[0, 1, 2])
+        )
+        .is_err());
 
         let wrong_chunk = rng.tensor(&[4, 2, 16, 8, 4], 1.0, DType::F16);
         assert!(write_kv(&keys, &keys, &wrong_chunk, &value_cache, &slots(&[0, 1, 2])).is_err());

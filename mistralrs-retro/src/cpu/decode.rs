@@ -4,7 +4,9 @@
 //! head of the GQA group and every query row from them, keeping an online softmax per
 //! (head, row). Splits are merged exactly afterwards by log-sum-exp.
 
-use super::access::{ensure_cpu, ensure_float_dtype, small_u32_vec, BlockTables, CacheElem, CacheGeometry, CpuRead};
+use super::access::{
+    ensure_cpu, ensure_float_dtype, small_u32_vec, BlockTables, CacheElem, CacheGeometry, CpuRead,
+};
 use candle_core::{bail, DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
@@ -31,12 +33,21 @@ pub fn paged_decode(
 ) -> Result<Tensor> {
     check_softcap(softcap)?;
     let inputs = DecodeInputs::read(query, key_cache, value_cache, block_tables, context_lens)?;
-    decode_with_split(&inputs, key_cache, value_cache, softmax_scale, softcap, None)
+    decode_with_split(
+        &inputs,
+        key_cache,
+        value_cache,
+        softmax_scale,
+        softcap,
+        None,
+    )
 }
 
 pub(crate) fn check_softcap(softcap: Option<f32>) -> Result<()> {
     match softcap {
-        Some(cap) if !(cap.is_finite() && cap > 0.0) => bail!("softcap must be positive and finite, got {cap}"),
+        Some(cap) if !(cap.is_finite() && cap > 0.0) => {
+            bail!("softcap must be positive and finite, got {cap}")
+        }
         _ => Ok(()),
     }
 }
@@ -69,13 +80,21 @@ impl DecodeInputs {
         ensure_float_dtype(query.dtype(), "query")?;
         let (query_rows, heads, head_dim) = query.dims3()?;
         if head_dim != geometry.head_dim {
-            bail!("query head_dim {head_dim} differs from the caches' {}", geometry.head_dim);
+            bail!(
+                "query head_dim {head_dim} differs from the caches' {}",
+                geometry.head_dim
+            );
         }
         if heads == 0 || heads % geometry.kv_heads != 0 {
-            bail!("query heads {heads} is not a multiple of the caches' {} kv heads", geometry.kv_heads);
+            bail!(
+                "query heads {heads} is not a multiple of the caches' {} kv heads",
+                geometry.kv_heads
+            );
         }
-        let context_lens: Vec<usize> =
-            small_u32_vec(context_lens, "context_lens", 1)?.into_iter().map(|c| c as usize).collect();
+        let context_lens: Vec<usize> = small_u32_vec(context_lens, "context_lens", 1)?
+            .into_iter()
+            .map(|c| c as usize)
+            .collect();
         let batch = context_lens.len();
         let tables = BlockTables::read(block_tables, batch)?;
         if batch == 0 && query_rows != 0 {
@@ -84,11 +103,14 @@ impl DecodeInputs {
         if batch > 0 && (query_rows == 0 || query_rows % batch != 0) {
             bail!("query rows {query_rows} are not a positive multiple of the batch size {batch}");
         }
-        let rows = if batch == 0 { 0 } else { query_rows / batch };
+        let rows = query_rows.checked_div(batch).unwrap_or(0);
         for (seq, &tokens) in context_lens.iter().enumerate() {
             tables.check_sequence(seq, tokens, &geometry)?;
         }
-        let queries = query.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let queries = query
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         Ok(Self {
             geometry,
             batch,
@@ -117,7 +139,7 @@ impl DecodeInputs {
         self.batch * self.rows * self.heads * self.geometry.head_dim
     }
 
-    pub fn into_output(&self, out: Vec<f32>) -> Result<Tensor> {
+    pub fn output_tensor(&self, out: Vec<f32>) -> Result<Tensor> {
         let shape = (self.batch * self.rows, self.heads, self.geometry.head_dim);
         Tensor::from_vec(out, shape, &Device::Cpu)?.to_dtype(self.out_dtype)
     }
@@ -142,7 +164,12 @@ struct SplitPlan {
 }
 
 impl SplitPlan {
-    fn new(context_lens: &[usize], block_size: usize, kv_heads: usize, pages_per_split: usize) -> Self {
+    fn new(
+        context_lens: &[usize],
+        block_size: usize,
+        kv_heads: usize,
+        pages_per_split: usize,
+    ) -> Self {
         let pages_per_split = pages_per_split.max(1);
         let mut tasks = Vec::new();
         let mut first_split = Vec::with_capacity(context_lens.len() + 1);
@@ -152,7 +179,12 @@ impl SplitPlan {
             let pages = tokens.div_ceil(block_size);
             for first_page in (0..pages).step_by(pages_per_split) {
                 let end_page = (first_page + pages_per_split).min(pages);
-                tasks.extend((0..kv_heads).map(|kv_head| SplitTask { seq, kv_head, first_page, end_page }));
+                tasks.extend((0..kv_heads).map(|kv_head| SplitTask {
+                    seq,
+                    kv_head,
+                    first_page,
+                    end_page,
+                }));
                 splits += 1;
             }
         }
@@ -161,10 +193,22 @@ impl SplitPlan {
     }
 
     /// Enough splits for `TASKS_PER_THREAD` tasks per thread over the whole batch.
-    fn auto_pages_per_split(context_lens: &[usize], block_size: usize, kv_heads: usize, threads: usize) -> usize {
-        let page_tasks: usize = context_lens.iter().map(|t| t.div_ceil(block_size)).sum::<usize>() * kv_heads;
+    fn auto_pages_per_split(
+        context_lens: &[usize],
+        block_size: usize,
+        kv_heads: usize,
+        threads: usize,
+    ) -> usize {
+        let page_tasks: usize = context_lens
+            .iter()
+            .map(|t| t.div_ceil(block_size))
+            .sum::<usize>()
+            * kv_heads;
         let target_tasks = TASKS_PER_THREAD * threads.max(1);
-        page_tasks.div_ceil(target_tasks).max(MIN_SPLIT_TOKENS.div_ceil(block_size)).max(1)
+        page_tasks
+            .div_ceil(target_tasks)
+            .max(MIN_SPLIT_TOKENS.div_ceil(block_size))
+            .max(1)
     }
 }
 
@@ -212,7 +256,12 @@ fn split_partial(partial: &mut [f32], states: usize) -> PartialView<'_> {
     PartialView { max, sum, acc }
 }
 
-fn read_partial(partial: &[f32], states: usize, state: usize, head_dim: usize) -> (f32, f32, &[f32]) {
+fn read_partial(
+    partial: &[f32],
+    states: usize,
+    state: usize,
+    head_dim: usize,
+) -> (f32, f32, &[f32]) {
     let acc = &partial[2 * states + state * head_dim..2 * states + (state + 1) * head_dim];
     (partial[state], partial[states + state], acc)
 }
@@ -226,15 +275,39 @@ pub(crate) fn decode_with_split(
     softcap: Option<f32>,
     pages_per_split: Option<usize>,
 ) -> Result<Tensor> {
+    if inputs.batch == 0 {
+        return inputs.output_tensor(Vec::new());
+    }
     let keys = CpuRead::new(key_cache, "key_cache")?;
     let values = CpuRead::new(value_cache, "value_cache")?;
     let out = match inputs.geometry.dtype {
-        DType::F32 => decode_typed::<f32>(inputs, keys.slice()?, values.slice()?, softmax_scale, softcap, pages_per_split),
-        DType::F16 => decode_typed::<half::f16>(inputs, keys.slice()?, values.slice()?, softmax_scale, softcap, pages_per_split),
-        DType::BF16 => decode_typed::<half::bf16>(inputs, keys.slice()?, values.slice()?, softmax_scale, softcap, pages_per_split),
+        DType::F32 => decode_typed::<f32>(
+            inputs,
+            keys.slice()?,
+            values.slice()?,
+            softmax_scale,
+            softcap,
+            pages_per_split,
+        ),
+        DType::F16 => decode_typed::<half::f16>(
+            inputs,
+            keys.slice()?,
+            values.slice()?,
+            softmax_scale,
+            softcap,
+            pages_per_split,
+        ),
+        DType::BF16 => decode_typed::<half::bf16>(
+            inputs,
+            keys.slice()?,
+            values.slice()?,
+            softmax_scale,
+            softcap,
+            pages_per_split,
+        ),
         other => bail!("paged_decode: unsupported cache dtype {other:?}"),
     };
-    inputs.into_output(out)
+    inputs.output_tensor(out)
 }
 
 fn decode_typed<T: CacheElem>(
@@ -247,116 +320,170 @@ fn decode_typed<T: CacheElem>(
 ) -> Vec<f32> {
     let g = &inputs.geometry;
     let pages_per_split = pages_per_split.unwrap_or_else(|| {
-        SplitPlan::auto_pages_per_split(&inputs.context_lens, g.block_size, g.kv_heads, rayon::current_num_threads())
+        SplitPlan::auto_pages_per_split(
+            &inputs.context_lens,
+            g.block_size,
+            g.kv_heads,
+            rayon::current_num_threads(),
+        )
     });
-    let plan = SplitPlan::new(&inputs.context_lens, g.block_size, g.kv_heads, pages_per_split);
+    let plan = SplitPlan::new(
+        &inputs.context_lens,
+        g.block_size,
+        g.kv_heads,
+        pages_per_split,
+    );
     // Folding the scale into q saves a multiply per score.
     let scaled_queries: Vec<f32> = inputs.queries.iter().map(|q| q * softmax_scale).collect();
     let states = inputs.group * inputs.rows;
     let stride = partial_stride(states, g.head_dim);
 
+    let kernel = SplitKernel {
+        inputs,
+        key_cache,
+        value_cache,
+        scaled_queries: &scaled_queries,
+        softcap,
+    };
     let mut partials = vec![0f32; plan.tasks.len() * stride];
-    partials.par_chunks_mut(stride).zip(plan.tasks.par_iter()).for_each_init(
-        || PageScratch::new::<T>(g),
-        |scratch, (partial, task)| {
-            attend_split(inputs, key_cache, value_cache, &scaled_queries, softcap, task, scratch, partial)
-        },
-    );
+    partials
+        .par_chunks_mut(stride)
+        .zip(plan.tasks.par_iter())
+        .for_each_init(
+            || PageScratch::new::<T>(g),
+            |scratch, (partial, task)| kernel.run(task, scratch, partial),
+        );
 
     let head_dim = g.head_dim;
     let mut out = vec![0f32; inputs.output_len()];
-    out.par_chunks_mut(inputs.heads * head_dim).enumerate().for_each(|(query_row, out_row)| {
-        let (seq, row) = (query_row / inputs.rows, query_row % inputs.rows);
-        let splits = plan.first_split[seq]..plan.first_split[seq + 1];
-        for (head, out_head) in out_row.chunks_exact_mut(head_dim).enumerate() {
-            let (kv_head, state) = (head / inputs.group, (head % inputs.group) * inputs.rows + row);
-            let partial_of = |split: usize| {
-                let task = split * g.kv_heads + kv_head;
-                read_partial(&partials[task * stride..(task + 1) * stride], states, state, head_dim)
-            };
-            let global_max = splits.clone().map(|s| partial_of(s).0).fold(f32::NEG_INFINITY, f32::max);
-            if global_max == f32::NEG_INFINITY {
-                continue; // no visible tokens: the output stays zero
-            }
-            let mut total = 0f32;
-            for split in splits.clone() {
-                let (max, sum, acc) = partial_of(split);
-                if sum == 0.0 {
-                    continue;
+    out.par_chunks_mut(inputs.heads * head_dim)
+        .enumerate()
+        .for_each(|(query_row, out_row)| {
+            let (seq, row) = (query_row / inputs.rows, query_row % inputs.rows);
+            let splits = plan.first_split[seq]..plan.first_split[seq + 1];
+            for (head, out_head) in out_row.chunks_exact_mut(head_dim).enumerate() {
+                let (kv_head, state) = (
+                    head / inputs.group,
+                    (head % inputs.group) * inputs.rows + row,
+                );
+                let partial_of = |split: usize| {
+                    let task = split * g.kv_heads + kv_head;
+                    read_partial(
+                        &partials[task * stride..(task + 1) * stride],
+                        states,
+                        state,
+                        head_dim,
+                    )
+                };
+                let global_max = splits
+                    .clone()
+                    .map(|s| partial_of(s).0)
+                    .fold(f32::NEG_INFINITY, f32::max);
+                if global_max == f32::NEG_INFINITY {
+                    continue; // no visible tokens: the output stays zero
                 }
-                let weight = (max - global_max).exp();
-                total += sum * weight;
-                axpy(out_head, weight, acc);
+                let mut total = 0f32;
+                for split in splits.clone() {
+                    let (max, sum, acc) = partial_of(split);
+                    if sum == 0.0 {
+                        continue;
+                    }
+                    let weight = (max - global_max).exp();
+                    total += sum * weight;
+                    axpy(out_head, weight, acc);
+                }
+                let inv_total = 1.0 / total;
+                out_head.iter_mut().for_each(|o| *o *= inv_total);
             }
-            let inv_total = 1.0 / total;
-            out_head.iter_mut().for_each(|o| *o *= inv_total);
-        }
-    });
+        });
     out
 }
 
-#[allow(clippy::too_many_arguments)]
-fn attend_split<T: CacheElem>(
-    inputs: &DecodeInputs,
-    key_cache: &[T],
-    value_cache: &[T],
-    scaled_queries: &[f32],
+/// What every split task of one decode call shares.
+struct SplitKernel<'a, T> {
+    inputs: &'a DecodeInputs,
+    key_cache: &'a [T],
+    value_cache: &'a [T],
+    scaled_queries: &'a [f32],
     softcap: Option<f32>,
-    task: &SplitTask,
-    scratch: &mut PageScratch,
-    partial: &mut [f32],
-) {
-    let g = &inputs.geometry;
-    let (rows, head_dim, block_size) = (inputs.rows, g.head_dim, g.block_size);
-    let state = split_partial(partial, inputs.group * rows);
-    state.max.fill(f32::NEG_INFINITY);
-    state.sum.fill(0.0);
-    state.acc.fill(0.0);
-    let tokens = inputs.context_lens[task.seq];
-    let table = inputs.tables.of(task.seq);
+}
 
-    for page in task.first_page..task.end_page {
-        let page_start = page * block_size;
-        let page_tokens = block_size.min(tokens - page_start);
-        let page_at = g.page_offset(table[page] as usize, task.kv_head);
-        let page_range = page_at..page_at + g.page_len();
-        g.key_page_to_rows(&key_cache[page_range.clone()], &mut scratch.key_staging, page_tokens, &mut scratch.key_rows);
-        g.value_page_to_rows(&value_cache[page_range], &mut scratch.value_staging, page_tokens, &mut scratch.value_rows);
+impl<T: CacheElem> SplitKernel<'_, T> {
+    /// Online softmax over the task's pages for every (group head, row) state.
+    fn run(&self, task: &SplitTask, scratch: &mut PageScratch, partial: &mut [f32]) {
+        let Self {
+            inputs,
+            key_cache,
+            value_cache,
+            scaled_queries,
+            softcap,
+        } = *self;
+        let g = &inputs.geometry;
+        let (rows, head_dim, block_size) = (inputs.rows, g.head_dim, g.block_size);
+        let state = split_partial(partial, inputs.group * rows);
+        state.max.fill(f32::NEG_INFINITY);
+        state.sum.fill(0.0);
+        state.acc.fill(0.0);
+        let tokens = inputs.context_lens[task.seq];
+        let table = inputs.tables.of(task.seq);
 
-        for row in 0..rows {
-            let visible = inputs.visible_tokens(task.seq, row).saturating_sub(page_start).min(page_tokens);
-            if visible == 0 {
-                continue;
-            }
-            for member in 0..inputs.group {
-                let head = task.kv_head * inputs.group + member;
-                let q_at = inputs.query_index(task.seq, row, head);
-                let q = &scaled_queries[q_at..q_at + head_dim];
-                let scores = &mut scratch.scores[..visible];
-                for (score, key) in scores.iter_mut().zip(scratch.key_rows.chunks_exact(head_dim)) {
-                    *score = dot(q, key);
-                }
-                if let Some(cap) = softcap {
-                    scores.iter_mut().for_each(|s| *s = cap * (*s / cap).tanh());
-                }
+        let pages = task.first_page..task.end_page;
+        for (page, &block) in pages.clone().zip(&table[pages]) {
+            let page_start = page * block_size;
+            let page_tokens = block_size.min(tokens - page_start);
+            let page_at = g.page_offset(block as usize, task.kv_head);
+            let page_range = page_at..page_at + g.page_len();
+            // Row-major copies, made once per page and shared by every head and row of the group,
+            // turn each score into a contiguous dot product and each value into a contiguous axpy.
+            let key_page =
+                T::as_f32_slice(&key_cache[page_range.clone()], &mut scratch.key_staging);
+            g.key_page_to_rows(key_page, page_tokens, &mut scratch.key_rows);
+            let value_page = T::as_f32_slice(&value_cache[page_range], &mut scratch.value_staging);
+            g.value_page_to_rows(value_page, page_tokens, &mut scratch.value_rows);
 
-                let s = member * rows + row;
-                let acc = &mut state.acc[s * head_dim..(s + 1) * head_dim];
-                let page_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let new_max = state.max[s].max(page_max);
-                if state.sum[s] > 0.0 && new_max > state.max[s] {
-                    let rescale = (state.max[s] - new_max).exp();
-                    state.sum[s] *= rescale;
-                    acc.iter_mut().for_each(|a| *a *= rescale);
+            for row in 0..rows {
+                let visible = inputs
+                    .visible_tokens(task.seq, row)
+                    .saturating_sub(page_start)
+                    .min(page_tokens);
+                if visible == 0 {
+                    continue;
                 }
-                state.max[s] = new_max;
-                let mut page_sum = 0f32;
-                for (&score, value) in scores.iter().zip(scratch.value_rows.chunks_exact(head_dim)) {
-                    let p = (score - new_max).exp();
-                    page_sum += p;
-                    axpy(acc, p, value);
+                for member in 0..inputs.group {
+                    let head = task.kv_head * inputs.group + member;
+                    let q_at = inputs.query_index(task.seq, row, head);
+                    let q = &scaled_queries[q_at..q_at + head_dim];
+                    let scores = &mut scratch.scores[..visible];
+                    for (score, key) in scores
+                        .iter_mut()
+                        .zip(scratch.key_rows.chunks_exact(head_dim))
+                    {
+                        *score = dot(q, key);
+                    }
+                    if let Some(cap) = softcap {
+                        scores.iter_mut().for_each(|s| *s = cap * (*s / cap).tanh());
+                    }
+
+                    let s = member * rows + row;
+                    let acc = &mut state.acc[s * head_dim..(s + 1) * head_dim];
+                    let page_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let new_max = state.max[s].max(page_max);
+                    if state.sum[s] > 0.0 && new_max > state.max[s] {
+                        let rescale = (state.max[s] - new_max).exp();
+                        state.sum[s] *= rescale;
+                        acc.iter_mut().for_each(|a| *a *= rescale);
+                    }
+                    state.max[s] = new_max;
+                    let mut page_sum = 0f32;
+                    for (&score, value) in
+                        scores.iter().zip(scratch.value_rows.chunks_exact(head_dim))
+                    {
+                        let p = (score - new_max).exp();
+                        page_sum += p;
+                        axpy(acc, p, value);
+                    }
+                    state.sum[s] += page_sum;
                 }
-                state.sum[s] += page_sum;
             }
         }
     }
@@ -367,7 +494,12 @@ fn attend_split<T: CacheElem>(
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     const LANES: usize = 16;
     let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = a_chunks
+        .remainder()
+        .iter()
+        .zip(b_chunks.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
     let mut lanes = [0f32; LANES];
     for (x, y) in a_chunks.zip(b_chunks) {
         for i in 0..LANES {
@@ -387,7 +519,9 @@ fn axpy(acc: &mut [f32], a: f32, x: &[f32]) {
 #[cfg(test)]
 mod tests {
     use super::super::reference::paged_decode_reference;
-    use super::super::test_support::{assert_close, dense_decode, paged_batch, to_f32_vec, PagedBatch, Rng};
+    use super::super::test_support::{
+        assert_close, dense_decode, paged_batch, to_f32_vec, PagedBatch, Rng,
+    };
     use super::*;
 
     struct Case {
@@ -401,32 +535,65 @@ mod tests {
     }
 
     fn decode_args(batch: &PagedBatch) -> (&Tensor, &Tensor, &Tensor, &Tensor) {
-        (&batch.key_cache, &batch.value_cache, &batch.block_tables, &batch.context_lens)
+        (
+            &batch.key_cache,
+            &batch.value_cache,
+            &batch.block_tables,
+            &batch.context_lens,
+        )
     }
 
     /// Checks `paged_decode` against the reference and the dense f64 attention, and the reference
     /// against the dense one.
     fn check_case(rng: &mut Rng, case: &Case, lens: &[usize], rel_tol: f32) {
-        let batch = paged_batch(rng, lens, case.kv_heads, case.head_dim, case.block_size, case.dtype);
+        let batch = paged_batch(
+            rng,
+            lens,
+            case.kv_heads,
+            case.head_dim,
+            case.block_size,
+            case.dtype,
+        );
         // Larger queries with a softcap, so that the cap really bends the scores.
         let amplitude = if case.softcap.is_some() { 16.0 } else { 4.0 };
-        let query = rng.tensor(&[lens.len() * case.rows, case.heads, case.head_dim], amplitude, case.dtype);
+        let query = rng.tensor(
+            &[lens.len() * case.rows, case.heads, case.head_dim],
+            amplitude,
+            case.dtype,
+        );
         let scale = 1.0 / (case.head_dim as f32).sqrt();
         let (kc, vc, bt, cl) = decode_args(&batch);
 
         let out = paged_decode(&query, kc, vc, bt, cl, scale, case.softcap).unwrap();
-        let reference = paged_decode_reference(&query, kc, vc, bt, cl, scale, case.softcap).unwrap();
+        let reference =
+            paged_decode_reference(&query, kc, vc, bt, cl, scale, case.softcap).unwrap();
         assert_eq!(out.dims(), query.dims());
         assert_eq!(out.dtype(), case.dtype);
         let dense = dense_decode(&batch, &query, scale, case.softcap);
         let what = format!(
             "{:?} block {} heads {}/{} head_dim {} rows {} softcap {:?} lens {lens:?}",
-            case.dtype, case.block_size, case.heads, case.kv_heads, case.head_dim, case.rows, case.softcap
+            case.dtype,
+            case.block_size,
+            case.heads,
+            case.kv_heads,
+            case.head_dim,
+            case.rows,
+            case.softcap
         );
         let (out, reference) = (to_f32_vec(&out), to_f32_vec(&reference));
-        assert_close(&out, &reference, rel_tol, &format!("kernel vs reference: {what}"));
+        assert_close(
+            &out,
+            &reference,
+            rel_tol,
+            &format!("kernel vs reference: {what}"),
+        );
         assert_close(&out, &dense, rel_tol, &format!("kernel vs dense: {what}"));
-        assert_close(&reference, &dense, rel_tol, &format!("reference vs dense: {what}"));
+        assert_close(
+            &reference,
+            &dense,
+            rel_tol,
+            &format!("reference vs dense: {what}"),
+        );
     }
 
     fn check_all_shapes(dtype: DType, rel_tol: f32, seed: u64) {
@@ -437,7 +604,15 @@ mod tests {
                 for head_dim in [64, 128] {
                     for rows in [1, 3] {
                         for softcap in [None, Some(30.0)] {
-                            let case = Case { dtype, block_size, heads, kv_heads, head_dim, rows, softcap };
+                            let case = Case {
+                                dtype,
+                                block_size,
+                                heads,
+                                kv_heads,
+                                head_dim,
+                                rows,
+                                softcap,
+                            };
                             check_case(&mut rng, &case, &lens, rel_tol);
                         }
                     }
@@ -474,7 +649,8 @@ mod tests {
             // 63 pages of the first sequence: chunks of 5 leave 3, of 7 divide evenly, 1 is the
             // most splits possible, 64 leaves everything in one split.
             for pages_per_split in [1, 5, 7, 64] {
-                let out = decode_with_split(&inputs, kc, vc, 0.088, softcap, Some(pages_per_split)).unwrap();
+                let out = decode_with_split(&inputs, kc, vc, 0.088, softcap, Some(pages_per_split))
+                    .unwrap();
                 let what = format!("{pages_per_split} pages per split, softcap {softcap:?}");
                 assert_close(&to_f32_vec(&out), &dense, 1e-5, &what);
             }
@@ -516,7 +692,10 @@ mod tests {
             let lens = [8192];
             let pages_per_split = SplitPlan::auto_pages_per_split(&lens, 16, 3, threads);
             let tasks = SplitPlan::new(&lens, 16, 3, pages_per_split).tasks.len();
-            assert!(tasks >= TASKS_PER_THREAD * threads, "{threads} threads: {tasks} tasks");
+            assert!(
+                tasks >= TASKS_PER_THREAD * threads,
+                "{threads} threads: {tasks} tasks"
+            );
         }
         // Short contexts stay in one split rather than many tiny ones.
         let pages_per_split = SplitPlan::auto_pages_per_split(&[40], 16, 3, 64);
@@ -528,24 +707,41 @@ mod tests {
         let mut rng = Rng::new(21);
         let lens = [5000];
         let (block_size, kv_heads) = (16, 3);
-        let pages_per_split = SplitPlan::auto_pages_per_split(&lens, block_size, kv_heads, rayon::current_num_threads());
+        let pages_per_split = SplitPlan::auto_pages_per_split(
+            &lens,
+            block_size,
+            kv_heads,
+            rayon::current_num_threads(),
+        );
         let pages = lens[0].div_ceil(block_size);
         assert!(pages_per_split < pages, "the context must be split");
-        assert!(pages % pages_per_split != 0, "the last chunk should be shorter: {pages} pages / {pages_per_split}");
+        assert!(
+            pages % pages_per_split != 0,
+            "the last chunk should be shorter: {pages} pages / {pages_per_split}"
+        );
         for dtype in [DType::F32, DType::BF16] {
             let batch = paged_batch(&mut rng, &lens, kv_heads, 128, block_size, dtype);
             let query = rng.tensor(&[2, 9, 128], 6.0, dtype);
             let (kc, vc, bt, cl) = decode_args(&batch);
             let out = paged_decode(&query, kc, vc, bt, cl, 0.088, None).unwrap();
             let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
-            assert_close(&to_f32_vec(&out), &dense_decode(&batch, &query, 0.088, None), tol, &format!("{dtype:?}"));
+            assert_close(
+                &to_f32_vec(&out),
+                &dense_decode(&batch, &query, 0.088, None),
+                tol,
+                &format!("{dtype:?}"),
+            );
         }
     }
 
     #[test]
     fn query_dtype_may_differ_from_cache_dtype() {
         let mut rng = Rng::new(22);
-        for (cache_dtype, query_dtype) in [(DType::BF16, DType::F32), (DType::F32, DType::F16), (DType::F16, DType::BF16)] {
+        for (cache_dtype, query_dtype) in [
+            (DType::BF16, DType::F32),
+            (DType::F32, DType::F16),
+            (DType::F16, DType::BF16),
+        ] {
             let lens = [70, 5];
             let batch = paged_batch(&mut rng, &lens, 2, 64, 16, cache_dtype);
             let query = rng.tensor(&[4, 4, 64], 4.0, query_dtype);
@@ -553,8 +749,17 @@ mod tests {
             let out = paged_decode(&query, kc, vc, bt, cl, 0.125, Some(30.0)).unwrap();
             assert_eq!(out.dtype(), query_dtype);
             let dense = dense_decode(&batch, &query, 0.125, Some(30.0));
-            let tol = if query_dtype == DType::F32 { 1e-5 } else { 2e-2 };
-            assert_close(&to_f32_vec(&out), &dense, tol, &format!("{cache_dtype:?} cache, {query_dtype:?} query"));
+            let tol = if query_dtype == DType::F32 {
+                1e-5
+            } else {
+                2e-2
+            };
+            assert_close(
+                &to_f32_vec(&out),
+                &dense,
+                tol,
+                &format!("{cache_dtype:?} cache, {query_dtype:?} query"),
+            );
         }
     }
 
@@ -570,9 +775,17 @@ mod tests {
         // (sequence, row) pairs whose window is empty: all of sequence 0, rows 0-1 of 1, row 0 of 2.
         for (seq, row) in [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0)] {
             let at = (seq * 3 + row) * row_len;
-            assert!(out[at..at + row_len].iter().all(|&o| o == 0.0), "seq {seq} row {row}");
+            assert!(
+                out[at..at + row_len].iter().all(|&o| o == 0.0),
+                "seq {seq} row {row}"
+            );
         }
-        assert_close(&out, &dense_decode(&batch, &query, 0.125, None), 1e-5, "ragged");
+        assert_close(
+            &out,
+            &dense_decode(&batch, &query, 0.125, None),
+            1e-5,
+            "ragged",
+        );
     }
 
     #[test]
@@ -583,9 +796,21 @@ mod tests {
         let (kc, vc, bt, cl) = decode_args(&batch);
         let capped = to_f32_vec(&paged_decode(&query, kc, vc, bt, cl, 0.125, Some(5.0)).unwrap());
         let plain = to_f32_vec(&paged_decode(&query, kc, vc, bt, cl, 0.125, None).unwrap());
-        let diff = capped.iter().zip(&plain).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(diff > 1e-3, "softcap 5 should change the output, max diff {diff}");
-        assert_close(&capped, &dense_decode(&batch, &query, 0.125, Some(5.0)), 1e-5, "softcap 5");
+        let diff = capped
+            .iter()
+            .zip(&plain)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            diff > 1e-3,
+            "softcap 5 should change the output, max diff {diff}"
+        );
+        assert_close(
+            &capped,
+            &dense_decode(&batch, &query, 0.125, Some(5.0)),
+            1e-5,
+            "softcap 5",
+        );
     }
 
     #[test]
@@ -595,8 +820,51 @@ mod tests {
         let query = Tensor::zeros((0, 4, 64), DType::F16, &Device::Cpu).unwrap();
         let tables = Tensor::zeros((0, 4), DType::U32, &Device::Cpu).unwrap();
         let lens = Tensor::zeros(0, DType::U32, &Device::Cpu).unwrap();
-        let out = paged_decode(&query, &batch.key_cache, &batch.value_cache, &tables, &lens, 0.125, None).unwrap();
+        let out = paged_decode(
+            &query,
+            &batch.key_cache,
+            &batch.value_cache,
+            &tables,
+            &lens,
+            0.125,
+            None,
+        )
+        .unwrap();
         assert_eq!(out.dims(), &[0, 4, 64]);
+    }
+
+    /// `cargo test --release -p mistralrs-retro --lib cpu::decode::tests::bench -- --ignored --nocapture`
+    #[test]
+    #[ignore = "timing report, not a check"]
+    fn bench_decode_throughput() {
+        let mut rng = Rng::new(27);
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            for (sequences, tokens, heads, kv_heads, head_dim) in [
+                (1, 8192, 9, 3, 64),
+                (1, 32768, 9, 3, 64),
+                (8, 2048, 32, 8, 128),
+                (32, 1024, 9, 3, 64),
+            ] {
+                let lens = vec![tokens; sequences];
+                let batch = paged_batch(&mut rng, &lens, kv_heads, head_dim, 16, dtype);
+                let query = rng.tensor(&[sequences, heads, head_dim], 1.0, dtype);
+                let (kc, vc, bt, cl) = decode_args(&batch);
+                let iterations = 20;
+                paged_decode(&query, kc, vc, bt, cl, 0.1, None).unwrap();
+                let start = std::time::Instant::now();
+                for _ in 0..iterations {
+                    paged_decode(&query, kc, vc, bt, cl, 0.1, None).unwrap();
+                }
+                let seconds = start.elapsed().as_secs_f64() / iterations as f64;
+                let kv_bytes =
+                    (sequences * tokens * kv_heads * head_dim * 2 * dtype.size_in_bytes()) as f64;
+                println!(
+                    "{dtype:?} {sequences}x{tokens} heads {heads}/{kv_heads} d{head_dim}: {:.3} ms, {:.2} GB/s of K/V",
+                    seconds * 1e3,
+                    kv_bytes / seconds / 1e9
+                );
+            }
+        }
     }
 
     #[test]
@@ -606,17 +874,67 @@ mod tests {
         let (kc, vc, bt, _) = decode_args(&batch);
         let query = rng.tensor(&[2, 4, 64], 1.0, DType::F32);
         let lens = |l: &[u32]| Tensor::new(l, &Device::Cpu).unwrap();
-        let decode = |q: &Tensor, bt: &Tensor, cl: &Tensor, softcap| paged_decode(q, kc, vc, bt, cl, 0.1, softcap);
+        let decode = |q: &Tensor, bt: &Tensor, cl: &Tensor, softcap| {
+            paged_decode(q, kc, vc, bt, cl, 0.1, softcap)
+        };
 
         // 20 tokens use 3 of the 4 table columns; the spare column holds an invalid block id.
-        assert!(decode(&query, bt, &lens(&[25, 9]), None).is_err(), "context past the valid blocks");
-        assert!(decode(&query, bt, &lens(&[40, 9]), None).is_err(), "context past the table");
-        assert!(decode(&query, bt, &lens(&[20]), None).is_err(), "batch mismatch");
-        assert!(decode(&rng.tensor(&[3, 4, 64], 1.0, DType::F32), bt, &lens(&[20, 9]), None).is_err(), "rows");
-        assert!(decode(&rng.tensor(&[2, 3, 64], 1.0, DType::F32), bt, &lens(&[20, 9]), None).is_err(), "gqa");
-        assert!(decode(&rng.tensor(&[2, 4, 32], 1.0, DType::F32), bt, &lens(&[20, 9]), None).is_err(), "head_dim");
-        assert!(decode(&query, &bt.to_dtype(DType::I64).unwrap(), &lens(&[20, 9]), None).is_err(), "table dtype");
-        assert!(decode(&query, bt, &lens(&[20, 9]), Some(0.0)).is_err(), "softcap 0");
+        assert!(
+            decode(&query, bt, &lens(&[25, 9]), None).is_err(),
+            "context past the valid blocks"
+        );
+        assert!(
+            decode(&query, bt, &lens(&[40, 9]), None).is_err(),
+            "context past the table"
+        );
+        assert!(
+            decode(&query, bt, &lens(&[20]), None).is_err(),
+            "batch mismatch"
+        );
+        assert!(
+            decode(
+                &rng.tensor(&[3, 4, 64], 1.0, DType::F32),
+                bt,
+                &lens(&[20, 9]),
+                None
+            )
+            .is_err(),
+            "rows"
+        );
+        assert!(
+            decode(
+                &rng.tensor(&[2, 3, 64], 1.0, DType::F32),
+                bt,
+                &lens(&[20, 9]),
+                None
+            )
+            .is_err(),
+            "gqa"
+        );
+        assert!(
+            decode(
+                &rng.tensor(&[2, 4, 32], 1.0, DType::F32),
+                bt,
+                &lens(&[20, 9]),
+                None
+            )
+            .is_err(),
+            "head_dim"
+        );
+        assert!(
+            decode(
+                &query,
+                &bt.to_dtype(DType::I64).unwrap(),
+                &lens(&[20, 9]),
+                None
+            )
+            .is_err(),
+            "table dtype"
+        );
+        assert!(
+            decode(&query, bt, &lens(&[20, 9]), Some(0.0)).is_err(),
+            "softcap 0"
+        );
         assert!(decode(&query, bt, &lens(&[20, 9]), Some(30.0)).is_ok());
     }
 }

@@ -1,6 +1,8 @@
 //! Gather of whole sequences out of the paged caches into dense `[tokens, kv_heads, head_dim]`.
 
-use super::access::{ensure_float_dtype, small_u32_vec, BlockTables, CacheElem, CacheGeometry, CpuRead};
+use super::access::{
+    ensure_float_dtype, small_u32_vec, BlockTables, CacheElem, CacheGeometry, CpuRead,
+};
 use candle_core::{bail, DType, Device, Result, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -17,7 +19,10 @@ pub fn gather_kv(
 ) -> Result<(Tensor, Tensor)> {
     let geometry = CacheGeometry::of(key_cache, value_cache)?;
     ensure_float_dtype(out_dtype, "gather_kv out_dtype")?;
-    let cu: Vec<usize> = small_u32_vec(cu_seqlens_kv, "cu_seqlens_kv", 1)?.into_iter().map(|c| c as usize).collect();
+    let cu: Vec<usize> = small_u32_vec(cu_seqlens_kv, "cu_seqlens_kv", 1)?
+        .into_iter()
+        .map(|c| c as usize)
+        .collect();
     if cu.first() != Some(&0) {
         bail!("cu_seqlens_kv must start at 0, got {:?}", cu.first());
     }
@@ -32,7 +37,11 @@ pub fn gather_kv(
 
     let keys = CpuRead::new(key_cache, "key_cache")?;
     let values = CpuRead::new(value_cache, "value_cache")?;
-    let job = GatherJob { geometry: &geometry, tables: &tables, cu: &cu };
+    let job = GatherJob {
+        geometry: &geometry,
+        tables: &tables,
+        cu: &cu,
+    };
     match geometry.dtype {
         DType::F32 => job.to_out_dtype::<f32>(keys.slice()?, values.slice()?, out_dtype),
         DType::F16 => job.to_out_dtype::<f16>(keys.slice()?, values.slice()?, out_dtype),
@@ -56,7 +65,12 @@ struct PageCopy<'a, O> {
 }
 
 impl GatherJob<'_> {
-    fn to_out_dtype<T: CacheElem>(&self, key_cache: &[T], value_cache: &[T], out_dtype: DType) -> Result<(Tensor, Tensor)> {
+    fn to_out_dtype<T: CacheElem>(
+        &self,
+        key_cache: &[T],
+        value_cache: &[T],
+        out_dtype: DType,
+    ) -> Result<(Tensor, Tensor)> {
         match out_dtype {
             DType::F32 => self.run::<T, f32>(key_cache, value_cache),
             DType::F16 => self.run::<T, f16>(key_cache, value_cache),
@@ -65,7 +79,11 @@ impl GatherJob<'_> {
         }
     }
 
-    fn run<T: CacheElem, O: CacheElem>(&self, key_cache: &[T], value_cache: &[T]) -> Result<(Tensor, Tensor)> {
+    fn run<T: CacheElem, O: CacheElem>(
+        &self,
+        key_cache: &[T],
+        value_cache: &[T],
+    ) -> Result<(Tensor, Tensor)> {
         let g = self.geometry;
         let token_len = g.kv_heads * g.head_dim;
         let total = self.cu[self.cu.len() - 1];
@@ -93,30 +111,57 @@ impl GatherJob<'_> {
             }
         }
 
-        let staging_len = if T::DTYPE == DType::F32 { 0 } else { g.page_len() };
+        let staging_len = if T::DTYPE == DType::F32 {
+            0
+        } else {
+            g.page_len()
+        };
         copies.into_par_iter().for_each_init(
             || (vec![0f32; staging_len], vec![0f32; g.page_len()]),
             |(staging, rows), copy| {
                 for kv_head in 0..g.kv_heads {
                     let page_at = g.page_offset(copy.block, kv_head);
                     let page = page_at..page_at + g.page_len();
-                    g.key_page_to_rows(&key_cache[page.clone()], staging, copy.tokens, rows);
+                    g.key_page_to_rows(
+                        T::as_f32_slice(&key_cache[page.clone()], staging),
+                        copy.tokens,
+                        rows,
+                    );
                     scatter_head_rows(rows, copy.keys_out, kv_head, g.head_dim, token_len);
-                    g.value_page_to_rows(&value_cache[page], staging, copy.tokens, rows);
+                    g.value_page_to_rows(
+                        T::as_f32_slice(&value_cache[page], staging),
+                        copy.tokens,
+                        rows,
+                    );
                     scatter_head_rows(rows, copy.values_out, kv_head, g.head_dim, token_len);
                 }
             },
         );
 
         let shape = (total, g.kv_heads, g.head_dim);
-        Ok((Tensor::from_vec(keys_out, shape, &Device::Cpu)?, Tensor::from_vec(values_out, shape, &Device::Cpu)?))
+        Ok((
+            Tensor::from_vec(keys_out, shape, &Device::Cpu)?,
+            Tensor::from_vec(values_out, shape, &Device::Cpu)?,
+        ))
     }
 }
 
 /// Copies per-token rows `[tokens][head_dim]` of one kv head into `[tokens][kv_heads][head_dim]`.
-fn scatter_head_rows<O: CacheElem>(rows: &[f32], out: &mut [O], kv_head: usize, head_dim: usize, token_len: usize) {
-    for (out_token, row) in out.chunks_exact_mut(token_len).zip(rows.chunks_exact(head_dim)) {
-        O::from_f32_slice(row, &mut out_token[kv_head * head_dim..(kv_head + 1) * head_dim]);
+fn scatter_head_rows<O: CacheElem>(
+    rows: &[f32],
+    out: &mut [O],
+    kv_head: usize,
+    head_dim: usize,
+    token_len: usize,
+) {
+    for (out_token, row) in out
+        .chunks_exact_mut(token_len)
+        .zip(rows.chunks_exact(head_dim))
+    {
+        O::from_f32_slice(
+            row,
+            &mut out_token[kv_head * head_dim..(kv_head + 1) * head_dim],
+        );
     }
 }
 
@@ -126,10 +171,12 @@ mod tests {
     use super::*;
 
     fn cu_seqlens(lens: &[usize]) -> Tensor {
-        let cu: Vec<u32> = std::iter::once(0).chain(lens.iter().scan(0, |acc, &l| {
-            *acc += l as u32;
-            Some(*acc)
-        })).collect();
+        let cu: Vec<u32> = std::iter::once(0)
+            .chain(lens.iter().scan(0, |acc, &l| {
+                *acc += l as u32;
+                Some(*acc)
+            }))
+            .collect();
         Tensor::new(cu.as_slice(), &Device::Cpu).unwrap()
     }
 
@@ -144,13 +191,19 @@ mod tests {
                 let original_values: Vec<f32> = batch.values.concat();
                 // Every stored value is exact in f32 and in its own dtype.
                 for out_dtype in [cache_dtype, DType::F32] {
-                    let (keys, values) =
-                        gather_kv(&batch.key_cache, &batch.value_cache, &batch.block_tables, &cu_seqlens(&lens), out_dtype)
-                            .unwrap();
+                    let (keys, values) = gather_kv(
+                        &batch.key_cache,
+                        &batch.value_cache,
+                        &batch.block_tables,
+                        &cu_seqlens(&lens),
+                        out_dtype,
+                    )
+                    .unwrap();
                     let total: usize = lens.iter().sum();
                     assert_eq!(keys.dims(), &[total, 3, 64]);
                     assert_eq!(keys.dtype(), out_dtype);
-                    let what = format!("{cache_dtype:?} cache, block {block_size}, {out_dtype:?} out");
+                    let what =
+                        format!("{cache_dtype:?} cache, block {block_size}, {out_dtype:?} out");
                     assert!(to_f32_vec(&keys) == original_keys, "keys: {what}");
                     assert!(to_f32_vec(&values) == original_values, "values: {what}");
                 }
@@ -163,9 +216,14 @@ mod tests {
         let mut rng = Rng::new(31);
         let lens = [40, 7];
         let batch = paged_batch(&mut rng, &lens, 2, 128, 16, DType::F32);
-        let (keys, values) =
-            gather_kv(&batch.key_cache, &batch.value_cache, &batch.block_tables, &cu_seqlens(&lens), DType::BF16)
-                .unwrap();
+        let (keys, values) = gather_kv(
+            &batch.key_cache,
+            &batch.value_cache,
+            &batch.block_tables,
+            &cu_seqlens(&lens),
+            DType::BF16,
+        )
+        .unwrap();
         let expected = |rows: &[Vec<f32>]| {
             let t = Tensor::new(rows.concat(), &Device::Cpu).unwrap();
             to_f32_vec(&t.to_dtype(DType::BF16).unwrap())
@@ -180,7 +238,13 @@ mod tests {
         let batch = paged_batch(&mut rng, &[20, 9], 2, 64, 8, DType::F16);
         let gather = |cu: &[u32]| {
             let cu = Tensor::new(cu, &Device::Cpu).unwrap();
-            gather_kv(&batch.key_cache, &batch.value_cache, &batch.block_tables, &cu, DType::F16)
+            gather_kv(
+                &batch.key_cache,
+                &batch.value_cache,
+                &batch.block_tables,
+                &cu,
+                DType::F16,
+            )
         };
         assert!(gather(&[0, 20, 29]).is_ok());
         assert!(gather(&[1, 20, 29]).is_err(), "must start at 0");

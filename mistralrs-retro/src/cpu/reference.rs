@@ -18,8 +18,14 @@ pub fn paged_decode_reference(
     let inputs = DecodeInputs::read(query, key_cache, value_cache, block_tables, context_lens)?;
     let g = inputs.geometry;
     let (kv_heads, head_dim, block_size, x) = (g.kv_heads, g.head_dim, g.block_size, g.chunk);
-    let key_cache = key_cache.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let value_cache = value_cache.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let key_cache = key_cache
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let value_cache = value_cache
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
 
     let mut out = vec![0f32; inputs.output_len()];
     for seq in 0..inputs.batch {
@@ -32,7 +38,9 @@ pub fn paged_decode_reference(
             let (block, off) = (table[t / block_size] as usize, t % block_size);
             for h in 0..kv_heads {
                 for d in 0..head_dim {
-                    let key_at = (((block * kv_heads + h) * (head_dim / x) + d / x) * block_size + off) * x + d % x;
+                    let key_at =
+                        (((block * kv_heads + h) * (head_dim / x) + d / x) * block_size + off) * x
+                            + d % x;
                     let value_at = ((block * kv_heads + h) * head_dim + d) * block_size + off;
                     keys[(t * kv_heads + h) * head_dim + d] = key_cache[key_at];
                     values[(t * kv_heads + h) * head_dim + d] = value_cache[value_at];
@@ -52,7 +60,8 @@ pub fn paged_decode_reference(
                 let scores: Vec<f32> = (0..visible)
                     .map(|t| {
                         let k = &keys[(t * kv_heads + kv_head) * head_dim..][..head_dim];
-                        let score = softmax_scale * q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>();
+                        let score =
+                            softmax_scale * q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>();
                         match softcap {
                             Some(cap) => cap * (score / cap).tanh(),
                             None => score,
@@ -72,5 +81,5 @@ pub fn paged_decode_reference(
             }
         }
     }
-    inputs.into_output(out)
+    inputs.output_tensor(out)
 }

@@ -36,8 +36,13 @@ impl Rng {
 
     /// Uniform in [-amplitude, amplitude), rounded to `dtype`.
     pub fn tensor(&mut self, shape: &[usize], amplitude: f32, dtype: DType) -> Tensor {
-        let data: Vec<f32> = (0..shape.iter().product::<usize>()).map(|_| amplitude * self.uniform()).collect();
-        Tensor::from_vec(data, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+        let data: Vec<f32> = (0..shape.iter().product::<usize>())
+            .map(|_| amplitude * self.uniform())
+            .collect();
+        Tensor::from_vec(data, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
     }
 }
 
@@ -55,13 +60,22 @@ pub(crate) fn garbage_caches(
     dtype: DType,
 ) -> (Tensor, Tensor) {
     let x = key_chunk(dtype);
-    let key_cache = rng.tensor(&[num_blocks, kv_heads, head_dim / x, block_size, x], 5.0, dtype);
+    let key_cache = rng.tensor(
+        &[num_blocks, kv_heads, head_dim / x, block_size, x],
+        5.0,
+        dtype,
+    );
     let value_cache = rng.tensor(&[num_blocks, kv_heads, head_dim, block_size], 5.0, dtype);
     (key_cache, value_cache)
 }
 
 pub(crate) fn to_f32_vec(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
 }
 
 /// Sequences written with `write_kv` into randomly permuted blocks, plus their original K/V.
@@ -75,7 +89,6 @@ pub(crate) struct PagedBatch {
     pub keys: Vec<Vec<f32>>,
     pub values: Vec<Vec<f32>>,
     pub kv_heads: usize,
-    pub head_dim: usize,
 }
 
 pub(crate) fn paged_batch(
@@ -100,7 +113,8 @@ pub(crate) fn paged_batch(
         }
     }
 
-    let (key_cache, value_cache) = garbage_caches(rng, num_blocks, kv_heads, head_dim, block_size, dtype);
+    let (key_cache, value_cache) =
+        garbage_caches(rng, num_blocks, kv_heads, head_dim, block_size, dtype);
     let total: usize = lens.iter().sum();
     let keys = rng.tensor(&[total, kv_heads, head_dim], 1.0, dtype);
     let values = rng.tensor(&[total, kv_heads, head_dim], 1.0, dtype);
@@ -128,18 +142,26 @@ pub(crate) fn paged_batch(
         key_cache,
         value_cache,
         block_tables: Tensor::from_vec(tables, (lens.len(), max_pages), &Device::Cpu).unwrap(),
-        context_lens: Tensor::from_vec(lens.iter().map(|&l| l as u32).collect::<Vec<_>>(), lens.len(), &Device::Cpu)
-            .unwrap(),
+        context_lens: Tensor::from_vec(
+            lens.iter().map(|&l| l as u32).collect::<Vec<_>>(),
+            lens.len(),
+            &Device::Cpu,
+        )
+        .unwrap(),
         lens: lens.to_vec(),
         keys: split_per_seq(to_f32_vec(&keys)),
         values: split_per_seq(to_f32_vec(&values)),
         kv_heads,
-        head_dim,
     }
 }
 
 /// Decode attention from the original (unpaged) K/V in f64, independent of the cache layout.
-pub(crate) fn dense_decode(batch: &PagedBatch, query: &Tensor, scale: f32, softcap: Option<f32>) -> Vec<f32> {
+pub(crate) fn dense_decode(
+    batch: &PagedBatch,
+    query: &Tensor,
+    scale: f32,
+    softcap: Option<f32>,
+) -> Vec<f32> {
     let (query_rows, heads, head_dim) = query.dims3().unwrap();
     let rows = query_rows / batch.lens.len();
     let group = heads / batch.kv_heads;
@@ -155,7 +177,11 @@ pub(crate) fn dense_decode(batch: &PagedBatch, query: &Tensor, scale: f32, softc
                 let scores: Vec<f64> = (0..visible)
                     .map(|t| {
                         let k = &batch.keys[seq][kv_at(t)..kv_at(t) + head_dim];
-                        let s = scale as f64 * q.iter().zip(k).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>();
+                        let s = scale as f64
+                            * q.iter()
+                                .zip(k)
+                                .map(|(&a, &b)| a as f64 * b as f64)
+                                .sum::<f64>();
                         softcap.map_or(s, |c| c as f64 * (s / c as f64).tanh())
                     })
                     .collect();
@@ -163,8 +189,14 @@ pub(crate) fn dense_decode(batch: &PagedBatch, query: &Tensor, scale: f32, softc
                 let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
                 let total: f64 = weights.iter().sum();
                 for d in 0..head_dim {
-                    let o: f64 = (0..visible).map(|t| weights[t] * batch.values[seq][kv_at(t) + d] as f64).sum();
-                    out[q_at + d] = if visible == 0 { 0.0 } else { (o / total) as f32 };
+                    let o: f64 = (0..visible)
+                        .map(|t| weights[t] * batch.values[seq][kv_at(t) + d] as f64)
+                        .sum();
+                    out[q_at + d] = if visible == 0 {
+                        0.0
+                    } else {
+                        (o / total) as f32
+                    };
                 }
             }
         }
@@ -181,7 +213,13 @@ pub(crate) fn assert_close(actual: &[f32], expected: &[f32], rel_tol: f32, what:
         .zip(expected)
         .map(|(a, e)| (a - e).abs())
         .enumerate()
-        .fold((0, 0f32), |best, (i, err)| if err > best.1 || err.is_nan() { (i, err) } else { best });
+        .fold((0, 0f32), |best, (i, err)| {
+            if err > best.1 || err.is_nan() {
+                (i, err)
+            } else {
+                best
+            }
+        });
     assert!(
         err <= rel_tol * scale,
         "{what}: |actual - expected| = {err} at {worst} (actual {}, expected {}) exceeds {rel_tol} * {scale}",
