@@ -50,7 +50,7 @@ for spec in "${UPSTREAM[@]}"; do
   if [ -d "$root/patches/$crate" ]; then
     while IFS= read -r p; do patches+=("$p"); done < <(find "$root/patches/$crate" -maxdepth 1 -name '[0-9][0-9][0-9][0-9]-*.patch' | sort)
   fi
-  stamp=$( { echo "$crate $version"; for p in "${patches[@]}"; do echo "$(basename "$p")"; cat "$p"; done; } | sha256sum | cut -d' ' -f1)
+  stamp=$( { echo "$crate $version pinned-git-v1"; for p in "${patches[@]}"; do echo "$(basename "$p")"; cat "$p"; done; } | sha256sum | cut -d' ' -f1)
   if [ -f "$dest/.patch-stamp" ] && [ "$(cat "$dest/.patch-stamp")" = "$stamp" ]; then
     continue
   fi
@@ -66,6 +66,15 @@ for spec in "${UPSTREAM[@]}"; do
     fi
   done
   rm -f "$dest.tmp.log"
+  # mistralrs-core's build script embeds `git rev-parse HEAD` (found by walking up from the crate) and
+  # asks to rerun when .git/HEAD changes. Inside our checkout that would be *our* HEAD, so every commit
+  # here would rebuild mistralrs-core (~8 minutes). A tiny repo with one fixed commit pins it.
+  GIT_AUTHOR_DATE="2000-01-01T00:00:00Z" GIT_COMMITTER_DATE="2000-01-01T00:00:00Z" \
+    git -C "$dest.tmp" -c init.defaultBranch=pinned -c user.name=prepare-upstream -c user.email=prepare-upstream@localhost \
+    -c commit.gpgsign=false init -q
+  GIT_AUTHOR_DATE="2000-01-01T00:00:00Z" GIT_COMMITTER_DATE="2000-01-01T00:00:00Z" \
+    git -C "$dest.tmp" -c user.name=prepare-upstream -c user.email=prepare-upstream@localhost \
+    -c commit.gpgsign=false commit -q --allow-empty -m "$crate $version + patches $stamp"
   echo "$stamp" > "$dest.tmp/.patch-stamp"
   # cp -p keeps the registry mtimes of untouched files, so cargo (which fingerprints path crates by
   # mtime) rebuilds only when a patch really changed something.

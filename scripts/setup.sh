@@ -7,3 +7,4 @@ command -v cargo >/dev/null || { echo "setup: cargo is required (rustup)" >&2; e
 command -v python3 >/dev/null || { echo "setup: python3 with pip is required" >&2; exit 1; }
 "$root/scripts/prepare-upstream.sh"
 "$root/scripts/fetch-smollm2.sh"
+"$root/scripts/fetch-text.sh"

@@ -3,3 +3,4 @@ pub mod cpu;
 pub mod convert;
 pub mod policy;
 pub mod server;
+pub mod config;

@@ -17,7 +17,8 @@ use mistralrs_core::{
 use mistralrs_server_core::mistralrs_server_router_builder::MistralRsServerRouterBuilder;
 use tracing::info;
 
-use crate::policy::{self, PolicyConfig, PolicyKind};
+use crate::config::{PolicyConfig, PolicyFile, PolicySettings};
+use crate::policy::{self, PolicyKind};
 
 /// Block sizes the paged KV cache (upstream's and ours) supports.
 pub const SUPPORTED_BLOCK_SIZES: [usize; 3] = [8, 16, 32];
@@ -33,9 +34,33 @@ pub struct ServerArgs {
     #[arg(long, short = 'm')]
     pub model: Option<PathBuf>,
 
-    /// KV policy for paged attention.
-    #[arg(long, default_value = "full", value_parser = clap::builder::PossibleValuesParser::new(PolicyKind::names()))]
-    pub kv_policy: String,
+    /// KV policy for paged attention [default: the config file's, else full].
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(PolicyKind::names()))]
+    pub kv_policy: Option<String>,
+
+    /// TOML file with per-model policy settings (see configs/); flags override it.
+    #[arg(long)]
+    pub kv_policy_config: Option<PathBuf>,
+
+    /// Sparse budget in tokens per step (exclusive with --kv-budget-ratio).
+    #[arg(long)]
+    pub kv_budget_tokens: Option<usize>,
+
+    /// Sparse budget as a fraction of the context [default: 0.15].
+    #[arg(long)]
+    pub kv_budget_ratio: Option<f64>,
+
+    /// Floor of a ratio budget, in tokens [default: 256].
+    #[arg(long)]
+    pub kv_budget_min_tokens: Option<usize>,
+
+    /// Leading layers that always attend to everything [default: 2].
+    #[arg(long)]
+    pub kv_dense_layers: Option<usize>,
+
+    /// RetroAttention window w (retro only) [default: 2].
+    #[arg(long)]
+    pub kv_window: Option<usize>,
 
     /// Address to bind. Loopback unless you say otherwise.
     #[arg(long, default_value = "127.0.0.1")]
@@ -123,6 +148,23 @@ impl ModelSource {
         Ok(Self::GgufFile(path.to_path_buf()))
     }
 
+    /// The architecture (`model_type` of config.json, `general.architecture` of a GGUF), for
+    /// matching `[[models]]` entries; `None` when it cannot be read.
+    pub fn architecture(&self) -> Option<String> {
+        match self {
+            ModelSource::SafetensorsDir(dir) => {
+                let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+                let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+                config["model_type"].as_str().map(str::to_owned)
+            }
+            ModelSource::GgufFile(file) => {
+                let mut reader = std::fs::File::open(file).ok()?;
+                let content = candle_core::quantized::gguf_file::Content::read(&mut reader).ok()?;
+                content.metadata.get("general.architecture")?.to_string().ok().cloned()
+            }
+        }
+    }
+
     fn selected(&self, dtype: ModelDType, max_seq_len: usize) -> Result<ModelSelected> {
         let utf8 = |p: &Path| {
             p.to_str()
@@ -186,11 +228,35 @@ impl ServerArgs {
         self.dtype
             .parse::<ModelDType>()
             .map_err(|e| anyhow::anyhow!("--dtype {}: {e} (allowed: auto, f32, f16, bf16)", self.dtype))?;
-        let kind = PolicyKind::from_name(&self.kv_policy)
-            .with_context(|| format!("--kv-policy {}", self.kv_policy))?;
         let model = self.model.clone().unwrap_or_else(|| PathBuf::from(EMBEDDED_MODEL_DIR));
         let source = ModelSource::from_path(&model)?;
-        Ok((PolicyConfig::new(kind), source))
+        let file = match &self.kv_policy_config {
+            Some(path) => PolicyFile::load(path)?,
+            None => PolicyFile::default(),
+        };
+        let from_file = file.settings_for(&model.to_string_lossy(), source.architecture().as_deref());
+        let flags = PolicySettings {
+            policy: self.kv_policy.clone(),
+            budget_tokens: self.kv_budget_tokens,
+            budget_ratio: self.kv_budget_ratio,
+            budget_min_tokens: self.kv_budget_min_tokens,
+            dense_layers: self.kv_dense_layers,
+            window: self.kv_window,
+            page_size: None,
+        };
+        // A budget flag replaces the file's budget of the other kind rather than clashing with it.
+        let mut from_file = from_file;
+        if flags.budget_tokens.is_some() {
+            from_file.budget_ratio = None;
+            from_file.budget_min_tokens = None;
+        }
+        if flags.budget_ratio.is_some() {
+            from_file.budget_tokens = None;
+        }
+        let policy = from_file
+            .overridden_by(&flags)
+            .resolve(self.pa_block_size, "kv policy (flags --kv-*, --kv-policy-config)")?;
+        Ok((policy, source))
     }
 
     fn paged_attn_config(&self) -> Result<Option<PagedAttentionConfig>> {
@@ -280,7 +346,7 @@ pub async fn serve(args: ServerArgs) -> Result<()> {
         .await
         .with_context(|| format!("cannot bind --host {} --port {}", args.host, args.port))?;
     let addr: SocketAddr = listener.local_addr()?;
-    info!("listening on http://{addr} (kv-policy={})", args.kv_policy);
+    info!("listening on http://{addr}");
     println!("mistralrs-server ready on http://{addr}");
     println!(
         "  try: curl http://{addr}/v1/chat/completions -H 'Content-Type: application/json' \\\n         -d '{{\"model\":\"default\",\"messages\":[{{\"role\":\"user\",\"content\":\"What is the capital of France?\"}}],\"max_tokens\":32}}'"

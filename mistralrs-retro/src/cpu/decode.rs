@@ -1,12 +1,15 @@
-//! Paged decode attention (flash-decoding on the CPU).
+//! Paged decode attention (flash-decoding on the CPU), dense or restricted to page selections.
 //!
-//! One task per (sequence, kv head, split of pages) streams its pages once and serves every query
-//! head of the GQA group and every query row from them, keeping an online softmax per
-//! (head, row). Splits are merged exactly afterwards by log-sum-exp.
+//! Both entry points walk a page list per (sequence, kv head): every page for [`paged_decode`],
+//! the policy's [`PageSelection`] for [`paged_decode_selected`]. One task per (sequence, kv head,
+//! split of its list) streams its pages once and serves every query head of the GQA group and
+//! every query row that uses the page, keeping an online softmax per (head, row). Splits are merged
+//! exactly afterwards by log-sum-exp.
 
 use super::access::{
     ensure_cpu, ensure_float_dtype, small_u32_vec, BlockTables, CacheElem, CacheGeometry, CpuRead,
 };
+use super::selection::{PageSelection, PageUse};
 use candle_core::{bail, DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
@@ -41,6 +44,50 @@ pub fn paged_decode(
         softcap,
         None,
     )
+}
+
+/// Attention output and log-sum-exp per query row and head.
+pub struct AttentionWithLse {
+    /// `[B * rows, heads, head_dim]` in the query's dtype.
+    pub out: Tensor,
+    /// `[B * rows * heads]`, row-major (seq, row, head): natural-log log-sum-exp of the scaled,
+    /// soft-capped scores over exactly the tokens the row attended to; `f32::NEG_INFINITY` when it
+    /// attended to none (its `out` is zero then).
+    pub lse: Vec<f32>,
+}
+
+/// Decode attention restricted to `selection`: row `r` of sequence `b` (query index
+/// `b * rows + r`) attends to the tokens of the pages of its kv head's list whose mask has bit `r`,
+/// intersected with its causal limit, the first `context_lens[b] - (rows - 1 - r)` tokens.
+/// Otherwise as [`paged_decode`]; the selection must fit the batch (see [`PageSelection`]) and
+/// `rows <= 32`, or this is an error.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_decode_selected(
+    query: &Tensor,
+    key_cache: &Tensor,
+    value_cache: &Tensor,
+    block_tables: &Tensor,
+    context_lens: &Tensor,
+    selection: &PageSelection,
+    softmax_scale: f32,
+    softcap: Option<f32>,
+) -> Result<AttentionWithLse> {
+    check_softcap(softcap)?;
+    let inputs = DecodeInputs::read(query, key_cache, value_cache, block_tables, context_lens)?;
+    inputs.check_selection(selection)?;
+    let (out, lse) = decode_lists(
+        &inputs,
+        key_cache,
+        value_cache,
+        selection,
+        softmax_scale,
+        softcap,
+        None,
+    )?;
+    Ok(AttentionWithLse {
+        out: inputs.output_tensor(out)?,
+        lse,
+    })
 }
 
 pub(crate) fn check_softcap(softcap: Option<f32>) -> Result<()> {
@@ -124,6 +171,15 @@ impl DecodeInputs {
         })
     }
 
+    pub fn check_selection(&self, selection: &PageSelection) -> Result<()> {
+        selection.validate(
+            &self.context_lens,
+            self.geometry.block_size,
+            self.geometry.kv_heads,
+            self.rows,
+        )
+    }
+
     /// Tokens visible to query row `row` of sequence `seq`.
     #[inline]
     pub fn visible_tokens(&self, seq: usize, row: usize) -> usize {
@@ -139,13 +195,65 @@ impl DecodeInputs {
         self.batch * self.rows * self.heads * self.geometry.head_dim
     }
 
+    pub fn lse_len(&self) -> usize {
+        self.batch * self.rows * self.heads
+    }
+
     pub fn output_tensor(&self, out: Vec<f32>) -> Result<Tensor> {
         let shape = (self.batch * self.rows, self.heads, self.geometry.head_dim);
         Tensor::from_vec(out, shape, &Device::Cpu)?.to_dtype(self.out_dtype)
     }
 }
 
-/// A contiguous run of one sequence's pages, for one kv head.
+/// The ascending page list each (sequence, kv head) walks. Implementations are only handed
+/// (seq, kv head, position) triples that exist, and lists already checked against the batch.
+pub(crate) trait PageLists: Sync {
+    /// Every row uses every listed page: masks are never read, so `rows` may exceed 32.
+    const EVERY_ROW: bool;
+    fn list_len(&self, seq: usize, kv_head: usize) -> usize;
+    fn entry(&self, seq: usize, kv_head: usize, at: usize) -> PageUse;
+}
+
+/// All pages of every sequence, for every row: `paged_decode`'s lists, without materialising them.
+pub(crate) struct EveryPage<'a> {
+    pub context_lens: &'a [usize],
+    pub block_size: usize,
+}
+
+impl PageLists for EveryPage<'_> {
+    const EVERY_ROW: bool = true;
+
+    #[inline]
+    fn list_len(&self, seq: usize, _kv_head: usize) -> usize {
+        self.context_lens[seq].div_ceil(self.block_size)
+    }
+
+    #[inline]
+    fn entry(&self, _seq: usize, _kv_head: usize, at: usize) -> PageUse {
+        PageUse {
+            page: at as u32,
+            rows: u32::MAX,
+        }
+    }
+}
+
+impl PageLists for PageSelection {
+    const EVERY_ROW: bool = false;
+
+    #[inline]
+    fn list_len(&self, seq: usize, kv_head: usize) -> usize {
+        self.list(seq, kv_head).len()
+    }
+
+    #[inline]
+    fn entry(&self, seq: usize, kv_head: usize, at: usize) -> PageUse {
+        self.entries[self.offsets[seq * self.kv_heads + kv_head] + at]
+    }
+}
+
+/// A contiguous run of one (sequence, kv head) page list: positions `first_page..end_page` of the
+/// list (for `paged_decode`'s lists, position = page). Empty when that kv head's list is shorter
+/// than its sequence's other lists.
 #[derive(Debug, Clone, Copy)]
 struct SplitTask {
     seq: usize,
@@ -155,7 +263,9 @@ struct SplitTask {
 }
 
 /// Tasks are ordered (sequence, split, kv head), so task `(first_split[seq] + split) * kv_heads +
-/// kv_head` holds split `split` of `seq` for `kv_head`.
+/// kv_head` holds split `split` of `seq` for `kv_head`. Kv-head-minor order puts tasks that read
+/// neighbouring pages of the same blocks next to each other; a sequence has as many splits as its
+/// longest list needs.
 #[derive(Debug)]
 struct SplitPlan {
     tasks: Vec<SplitTask>,
@@ -164,26 +274,45 @@ struct SplitPlan {
 }
 
 impl SplitPlan {
+    #[cfg(test)]
     fn new(
         context_lens: &[usize],
         block_size: usize,
         kv_heads: usize,
         pages_per_split: usize,
     ) -> Self {
+        let lists = EveryPage {
+            context_lens,
+            block_size,
+        };
+        Self::for_lists(&lists, context_lens.len(), kv_heads, pages_per_split)
+    }
+
+    fn for_lists(
+        lists: &impl PageLists,
+        batch: usize,
+        kv_heads: usize,
+        pages_per_split: usize,
+    ) -> Self {
         let pages_per_split = pages_per_split.max(1);
         let mut tasks = Vec::new();
-        let mut first_split = Vec::with_capacity(context_lens.len() + 1);
+        let mut first_split = Vec::with_capacity(batch + 1);
         let mut splits = 0;
-        for (seq, &tokens) in context_lens.iter().enumerate() {
+        for seq in 0..batch {
             first_split.push(splits);
-            let pages = tokens.div_ceil(block_size);
-            for first_page in (0..pages).step_by(pages_per_split) {
-                let end_page = (first_page + pages_per_split).min(pages);
-                tasks.extend((0..kv_heads).map(|kv_head| SplitTask {
-                    seq,
-                    kv_head,
-                    first_page,
-                    end_page,
+            let longest = (0..kv_heads)
+                .map(|kv_head| lists.list_len(seq, kv_head))
+                .max()
+                .unwrap_or(0);
+            for first in (0..longest).step_by(pages_per_split) {
+                tasks.extend((0..kv_heads).map(|kv_head| {
+                    let len = lists.list_len(seq, kv_head);
+                    SplitTask {
+                        seq,
+                        kv_head,
+                        first_page: first.min(len),
+                        end_page: (first + pages_per_split).min(len),
+                    }
                 }));
                 splits += 1;
             }
@@ -193,17 +322,31 @@ impl SplitPlan {
     }
 
     /// Enough splits for `TASKS_PER_THREAD` tasks per thread over the whole batch.
+    #[cfg(test)]
     fn auto_pages_per_split(
         context_lens: &[usize],
         block_size: usize,
         kv_heads: usize,
         threads: usize,
     ) -> usize {
-        let page_tasks: usize = context_lens
-            .iter()
-            .map(|t| t.div_ceil(block_size))
-            .sum::<usize>()
-            * kv_heads;
+        let lists = EveryPage {
+            context_lens,
+            block_size,
+        };
+        Self::auto_split_len(&lists, context_lens.len(), kv_heads, block_size, threads)
+    }
+
+    fn auto_split_len(
+        lists: &impl PageLists,
+        batch: usize,
+        kv_heads: usize,
+        block_size: usize,
+        threads: usize,
+    ) -> usize {
+        let page_tasks: usize = (0..batch)
+            .flat_map(|seq| (0..kv_heads).map(move |kv_head| (seq, kv_head)))
+            .map(|(seq, kv_head)| lists.list_len(seq, kv_head))
+            .sum();
         let target_tasks = TASKS_PER_THREAD * threads.max(1);
         page_tasks
             .div_ceil(target_tasks)
@@ -266,7 +409,8 @@ fn read_partial(
     (partial[state], partial[states + state], acc)
 }
 
-/// `pages_per_split: None` picks the split size from the thread count.
+/// Dense decode over every page. `pages_per_split: None` picks the split size from the thread
+/// count.
 pub(crate) fn decode_with_split(
     inputs: &DecodeInputs,
     key_cache: &Tensor,
@@ -275,64 +419,66 @@ pub(crate) fn decode_with_split(
     softcap: Option<f32>,
     pages_per_split: Option<usize>,
 ) -> Result<Tensor> {
-    if inputs.batch == 0 {
-        return inputs.output_tensor(Vec::new());
-    }
-    let keys = CpuRead::new(key_cache, "key_cache")?;
-    let values = CpuRead::new(value_cache, "value_cache")?;
-    let out = match inputs.geometry.dtype {
-        DType::F32 => decode_typed::<f32>(
-            inputs,
-            keys.slice()?,
-            values.slice()?,
-            softmax_scale,
-            softcap,
-            pages_per_split,
-        ),
-        DType::F16 => decode_typed::<half::f16>(
-            inputs,
-            keys.slice()?,
-            values.slice()?,
-            softmax_scale,
-            softcap,
-            pages_per_split,
-        ),
-        DType::BF16 => decode_typed::<half::bf16>(
-            inputs,
-            keys.slice()?,
-            values.slice()?,
-            softmax_scale,
-            softcap,
-            pages_per_split,
-        ),
-        other => bail!("paged_decode: unsupported cache dtype {other:?}"),
+    let lists = EveryPage {
+        context_lens: &inputs.context_lens,
+        block_size: inputs.geometry.block_size,
     };
+    let (out, _lse) = decode_lists(
+        inputs,
+        key_cache,
+        value_cache,
+        &lists,
+        softmax_scale,
+        softcap,
+        pages_per_split,
+    )?;
     inputs.output_tensor(out)
 }
 
-fn decode_typed<T: CacheElem>(
+/// Decode over `lists` (already checked against `inputs`): returns the f32 output
+/// `[B * rows, heads, head_dim]` and the log-sum-exp `[B * rows * heads]`. `pages_per_split`
+/// counts list entries per task; `None` picks it from the thread count.
+pub(crate) fn decode_lists<L: PageLists>(
     inputs: &DecodeInputs,
-    key_cache: &[T],
-    value_cache: &[T],
+    key_cache: &Tensor,
+    value_cache: &Tensor,
+    lists: &L,
     softmax_scale: f32,
     softcap: Option<f32>,
     pages_per_split: Option<usize>,
-) -> Vec<f32> {
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    if inputs.batch == 0 {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let keys = CpuRead::new(key_cache, "key_cache")?;
+    let values = CpuRead::new(value_cache, "value_cache")?;
+    let job = (inputs, lists, softmax_scale, softcap, pages_per_split);
+    Ok(match inputs.geometry.dtype {
+        DType::F32 => decode_typed::<f32, L>(keys.slice()?, values.slice()?, job),
+        DType::F16 => decode_typed::<half::f16, L>(keys.slice()?, values.slice()?, job),
+        DType::BF16 => decode_typed::<half::bf16, L>(keys.slice()?, values.slice()?, job),
+        other => bail!("paged decode: unsupported cache dtype {other:?}"),
+    })
+}
+
+type DecodeJob<'a, L> = (&'a DecodeInputs, &'a L, f32, Option<f32>, Option<usize>);
+
+fn decode_typed<T: CacheElem, L: PageLists>(
+    key_cache: &[T],
+    value_cache: &[T],
+    (inputs, lists, softmax_scale, softcap, pages_per_split): DecodeJob<'_, L>,
+) -> (Vec<f32>, Vec<f32>) {
     let g = &inputs.geometry;
     let pages_per_split = pages_per_split.unwrap_or_else(|| {
-        SplitPlan::auto_pages_per_split(
-            &inputs.context_lens,
-            g.block_size,
+        SplitPlan::auto_split_len(
+            lists,
+            inputs.batch,
             g.kv_heads,
+            g.block_size,
             rayon::current_num_threads(),
         )
     });
-    let plan = SplitPlan::new(
-        &inputs.context_lens,
-        g.block_size,
-        g.kv_heads,
-        pages_per_split,
-    );
+    let plan = SplitPlan::for_lists(lists, inputs.batch, g.kv_heads, pages_per_split);
     // Folding the scale into q saves a multiply per score.
     let scaled_queries: Vec<f32> = inputs.queries.iter().map(|q| q * softmax_scale).collect();
     let states = inputs.group * inputs.rows;
@@ -340,6 +486,7 @@ fn decode_typed<T: CacheElem>(
 
     let kernel = SplitKernel {
         inputs,
+        lists,
         key_cache,
         value_cache,
         scaled_queries: &scaled_queries,
@@ -356,12 +503,18 @@ fn decode_typed<T: CacheElem>(
 
     let head_dim = g.head_dim;
     let mut out = vec![0f32; inputs.output_len()];
+    let mut lse = vec![f32::NEG_INFINITY; inputs.lse_len()];
     out.par_chunks_mut(inputs.heads * head_dim)
+        .zip(lse.par_chunks_mut(inputs.heads))
         .enumerate()
-        .for_each(|(query_row, out_row)| {
+        .for_each(|(query_row, (out_row, lse_row))| {
             let (seq, row) = (query_row / inputs.rows, query_row % inputs.rows);
             let splits = plan.first_split[seq]..plan.first_split[seq + 1];
-            for (head, out_head) in out_row.chunks_exact_mut(head_dim).enumerate() {
+            for (head, (out_head, lse_head)) in out_row
+                .chunks_exact_mut(head_dim)
+                .zip(lse_row.iter_mut())
+                .enumerate()
+            {
                 let (kv_head, state) = (
                     head / inputs.group,
                     (head % inputs.group) * inputs.rows + row,
@@ -380,7 +533,7 @@ fn decode_typed<T: CacheElem>(
                     .map(|s| partial_of(s).0)
                     .fold(f32::NEG_INFINITY, f32::max);
                 if global_max == f32::NEG_INFINITY {
-                    continue; // no visible tokens: the output stays zero
+                    continue; // no visible tokens: the output stays zero, the lse -inf
                 }
                 let mut total = 0f32;
                 for split in splits.clone() {
@@ -394,25 +547,28 @@ fn decode_typed<T: CacheElem>(
                 }
                 let inv_total = 1.0 / total;
                 out_head.iter_mut().for_each(|o| *o *= inv_total);
+                *lse_head = global_max + total.ln();
             }
         });
-    out
+    (out, lse)
 }
 
 /// What every split task of one decode call shares.
-struct SplitKernel<'a, T> {
+struct SplitKernel<'a, T, L> {
     inputs: &'a DecodeInputs,
+    lists: &'a L,
     key_cache: &'a [T],
     value_cache: &'a [T],
     scaled_queries: &'a [f32],
     softcap: Option<f32>,
 }
 
-impl<T: CacheElem> SplitKernel<'_, T> {
+impl<T: CacheElem, L: PageLists> SplitKernel<'_, T, L> {
     /// Online softmax over the task's pages for every (group head, row) state.
     fn run(&self, task: &SplitTask, scratch: &mut PageScratch, partial: &mut [f32]) {
         let Self {
             inputs,
+            lists,
             key_cache,
             value_cache,
             scaled_queries,
@@ -424,14 +580,29 @@ impl<T: CacheElem> SplitKernel<'_, T> {
         state.max.fill(f32::NEG_INFINITY);
         state.sum.fill(0.0);
         state.acc.fill(0.0);
-        let tokens = inputs.context_lens[task.seq];
         let table = inputs.tables.of(task.seq);
 
-        let pages = task.first_page..task.end_page;
-        for (page, &block) in pages.clone().zip(&table[pages]) {
-            let page_start = page * block_size;
-            let page_tokens = block_size.min(tokens - page_start);
-            let page_at = g.page_offset(block as usize, task.kv_head);
+        for at in task.first_page..task.end_page {
+            let PageUse { page, rows: mask } = lists.entry(task.seq, task.kv_head, at);
+            let page_start = page as usize * block_size;
+            let uses_row = |row: usize| L::EVERY_ROW || (mask >> row) & 1 != 0;
+            // Causal limits grow with the row, so the last using row bounds what must be read:
+            // pages no using row can see are skipped without touching the cache.
+            let last_row = if L::EVERY_ROW {
+                rows - 1
+            } else if mask == 0 {
+                continue;
+            } else {
+                (u32::BITS - 1 - mask.leading_zeros()) as usize
+            };
+            let page_tokens = inputs
+                .visible_tokens(task.seq, last_row)
+                .saturating_sub(page_start)
+                .min(block_size);
+            if page_tokens == 0 {
+                continue;
+            }
+            let page_at = g.page_offset(table[page as usize] as usize, task.kv_head);
             let page_range = page_at..page_at + g.page_len();
             // Row-major copies, made once per page and shared by every head and row of the group,
             // turn each score into a contiguous dot product and each value into a contiguous axpy.
@@ -441,7 +612,7 @@ impl<T: CacheElem> SplitKernel<'_, T> {
             let value_page = T::as_f32_slice(&value_cache[page_range], &mut scratch.value_staging);
             g.value_page_to_rows(value_page, page_tokens, &mut scratch.value_rows);
 
-            for row in 0..rows {
+            for row in (0..rows).filter(|&row| uses_row(row)) {
                 let visible = inputs
                     .visible_tokens(task.seq, row)
                     .saturating_sub(page_start)

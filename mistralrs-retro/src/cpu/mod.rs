@@ -12,9 +12,13 @@ mod decode;
 mod gather;
 mod reference;
 #[cfg(test)]
+mod selected_tests;
+mod selection;
+#[cfg(test)]
 mod test_support;
 
 pub use cache_write::write_kv;
-pub use decode::paged_decode;
+pub use decode::{paged_decode, paged_decode_selected, AttentionWithLse};
 pub use gather::gather_kv;
-pub use reference::paged_decode_reference;
+pub use reference::{paged_decode_reference, paged_decode_selected_reference};
+pub use selection::{merge_partial, PageSelection, PageUse};

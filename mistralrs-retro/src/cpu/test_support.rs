@@ -162,20 +162,42 @@ pub(crate) fn dense_decode(
     scale: f32,
     softcap: Option<f32>,
 ) -> Vec<f32> {
+    dense_attention(batch, query, scale, softcap, |_, _, _, _| true).0
+}
+
+/// Like [`dense_decode`], restricted to the tokens `t` with `allowed(seq, row, kv_head, t)` (within
+/// the row's causal limit), and also returning the log-sum-exp per (seq, row, head), `-inf` for
+/// rows that attend to nothing.
+pub(crate) fn dense_attention(
+    batch: &PagedBatch,
+    query: &Tensor,
+    scale: f32,
+    softcap: Option<f32>,
+    allowed: impl Fn(usize, usize, usize, usize) -> bool,
+) -> (Vec<f32>, Vec<f32>) {
     let (query_rows, heads, head_dim) = query.dims3().unwrap();
     let rows = query_rows / batch.lens.len();
     let group = heads / batch.kv_heads;
     let q_all = to_f32_vec(query);
     let mut out = vec![0f32; q_all.len()];
+    let mut lse = vec![f32::NEG_INFINITY; query_rows * heads];
     for (seq, &len) in batch.lens.iter().enumerate() {
         for row in 0..rows {
             let visible = len.saturating_sub(rows - 1 - row);
             for head in 0..heads {
+                let kv_head = head / group;
+                let tokens: Vec<usize> = (0..visible)
+                    .filter(|&t| allowed(seq, row, kv_head, t))
+                    .collect();
+                if tokens.is_empty() {
+                    continue;
+                }
                 let q_at = ((seq * rows + row) * heads + head) * head_dim;
                 let q = &q_all[q_at..q_at + head_dim];
-                let kv_at = |t: usize| (t * batch.kv_heads + head / group) * head_dim;
-                let scores: Vec<f64> = (0..visible)
-                    .map(|t| {
+                let kv_at = |t: usize| (t * batch.kv_heads + kv_head) * head_dim;
+                let scores: Vec<f64> = tokens
+                    .iter()
+                    .map(|&t| {
                         let k = &batch.keys[seq][kv_at(t)..kv_at(t) + head_dim];
                         let s = scale as f64
                             * q.iter()
@@ -189,19 +211,18 @@ pub(crate) fn dense_decode(
                 let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
                 let total: f64 = weights.iter().sum();
                 for d in 0..head_dim {
-                    let o: f64 = (0..visible)
-                        .map(|t| weights[t] * batch.values[seq][kv_at(t) + d] as f64)
+                    let o: f64 = tokens
+                        .iter()
+                        .zip(&weights)
+                        .map(|(&t, w)| w * batch.values[seq][kv_at(t) + d] as f64)
                         .sum();
-                    out[q_at + d] = if visible == 0 {
-                        0.0
-                    } else {
-                        (o / total) as f32
-                    };
+                    out[q_at + d] = (o / total) as f32;
                 }
+                lse[(seq * rows + row) * heads + head] = (max + total.ln()) as f32;
             }
         }
     }
-    out
+    (out, lse)
 }
 
 /// `|actual - expected| <= rel_tol * max|expected|` element-wise (floor 1e-6 on the scale).

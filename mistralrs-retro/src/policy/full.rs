@@ -20,7 +20,8 @@ impl FullPolicy {
     }
 }
 
-fn unsupported_extras(attn: &DecodeAttention<'_>) -> Result<()> {
+/// Our CPU kernels implement scale and softcap; refuse what they do not, rather than ignore it.
+pub(super) fn check_supported(attn: &DecodeAttention<'_>) -> Result<()> {
     if attn.alibi_slopes.is_some() {
         candle_core::bail!("CPU paged attention does not support ALiBi slopes");
     }
@@ -69,7 +70,7 @@ impl KvPolicy for FullPolicy {
         if !attn.key_cache.device().is_cpu() {
             return Ok(None);
         }
-        unsupported_extras(attn)?;
+        check_supported(attn)?;
         cpu::paged_decode(
             attn.query,
             attn.key_cache,

@@ -1,31 +1,41 @@
 //! The KV policies this build provides, and the registry that installs one into mistral.rs.
 //!
-//! Data flow: a [`PolicyConfig`] (from flags and config files) → [`install`] registers the policy
-//! object with mistral.rs's `kv_policy` seam → paged attention calls it for every cache write,
-//! decode step and prefix gather.
+//! Data flow: a [`PolicyConfig`] (from flags and config files, `crate::config`) → [`install`]
+//! registers the policy object with mistral.rs's `kv_policy` seam → paged attention calls it for
+//! every cache write, decode step and prefix gather. Sparse policies split each decode step into a
+//! plan (`plan::select_pages` over `summaries::PageSummaries`) and a run (`crate::cpu` kernels).
 
 mod full;
+pub mod plan;
+mod quest;
+pub mod summaries;
 
 use std::fmt;
 use std::sync::Arc;
 
 pub use full::FullPolicy;
 use mistralrs_core::kv_policy::{register_kv_policy, KvPolicy};
+pub use quest::QuestPolicy;
+
+pub use crate::config::PolicyConfig;
 
 /// A policy a user can select with `--kv-policy`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PolicyKind {
     /// Every cached token: upstream behaviour, the correctness baseline.
     Full,
+    /// Per KV head, the top-k pages by an upper bound of q·k from per-page key min/max.
+    Quest,
 }
 
 impl PolicyKind {
     /// Every policy this build registers, by the name users type.
-    pub const ALL: &'static [PolicyKind] = &[PolicyKind::Full];
+    pub const ALL: &'static [PolicyKind] = &[PolicyKind::Full, PolicyKind::Quest];
 
     pub fn name(self) -> &'static str {
         match self {
             PolicyKind::Full => "full",
+            PolicyKind::Quest => "quest",
         }
     }
 
@@ -53,27 +63,11 @@ impl fmt::Display for PolicyKind {
     }
 }
 
-/// A fully resolved policy selection.
-#[derive(Clone, Debug, PartialEq)]
-pub struct PolicyConfig {
-    pub kind: PolicyKind,
-}
-
 impl PolicyConfig {
-    pub fn new(kind: PolicyKind) -> Self {
-        Self { kind }
-    }
-
-    /// One line for the startup log: the policy and every parameter it runs with.
-    pub fn describe(&self) -> String {
-        match self.kind {
-            PolicyKind::Full => "kv-policy=full (attends to every cached token; no parameters)".into(),
-        }
-    }
-
     pub fn build(&self) -> Arc<dyn KvPolicy> {
         match self.kind {
             PolicyKind::Full => Arc::new(FullPolicy::new()),
+            PolicyKind::Quest => Arc::new(QuestPolicy::new(self.budget, self.dense_layers)),
         }
     }
 }

@@ -1,0 +1,282 @@
+//! Policy configuration: defaults ← the `--kv-policy-config` TOML file ← command-line flags.
+//!
+//! The file format:
+//!
+//! ```toml
+//! # Applies to every model unless a [[models]] entry matches.
+//! [kv_policy]
+//! policy = "quest"          # full | quest | retro
+//! budget_ratio = 0.15       # or budget_tokens = 2048
+//! budget_min_tokens = 256
+//! dense_layers = 2
+//! window = 2                # retro only
+//!
+//! [[models]]                # first match wins; match by model id (path or name) and/or architecture
+//! model_id = "SmolLM2-135M-Instruct"
+//! arch = "llama"
+//! [models.kv_policy]
+//! policy = "retro"
+//! ```
+//!
+//! Unknown keys and out-of-range values are errors that name the key, the value and what is allowed.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+use crate::policy::PolicyKind;
+
+/// How many tokens a sparse step may read.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Budget {
+    /// A fixed number of tokens.
+    Tokens(usize),
+    /// A fraction of the context, never below `min_tokens`.
+    Ratio { ratio: f64, min_tokens: usize },
+}
+
+impl Budget {
+    /// Pages a step over `context` tokens may read (including the always-selected first and last
+    /// pages), at least 2.
+    pub fn pages(&self, context: usize, block_size: usize) -> usize {
+        let tokens = match *self {
+            Budget::Tokens(n) => n,
+            Budget::Ratio { ratio, min_tokens } => ((ratio * context as f64).ceil() as usize).max(min_tokens),
+        };
+        tokens.div_ceil(block_size).max(2)
+    }
+}
+
+/// A fully resolved policy selection.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PolicyConfig {
+    pub kind: PolicyKind,
+    pub budget: Budget,
+    /// The first `dense_layers` layers always attend to everything (as in Quest).
+    pub dense_layers: usize,
+    /// RetroAttention window w: the newest row plus w-1 corrected past rows. 1 is plain Quest.
+    pub window: usize,
+}
+
+pub const DEFAULT_BUDGET_RATIO: f64 = 0.15;
+pub const DEFAULT_BUDGET_MIN_TOKENS: usize = 256;
+pub const DEFAULT_DENSE_LAYERS: usize = 2;
+pub const DEFAULT_WINDOW: usize = 2;
+/// Row masks in the kernels are 32-bit; the paper ablates up to 8.
+pub const MAX_WINDOW: usize = 16;
+
+impl PolicyConfig {
+    pub fn new(kind: PolicyKind) -> Self {
+        Self {
+            kind,
+            budget: Budget::Ratio { ratio: DEFAULT_BUDGET_RATIO, min_tokens: DEFAULT_BUDGET_MIN_TOKENS },
+            dense_layers: DEFAULT_DENSE_LAYERS,
+            window: DEFAULT_WINDOW,
+        }
+    }
+
+    /// One line for the startup log: the policy and every parameter it runs with.
+    pub fn describe(&self) -> String {
+        let budget = match self.budget {
+            Budget::Tokens(n) => format!("budget_tokens={n}"),
+            Budget::Ratio { ratio, min_tokens } => format!("budget_ratio={ratio} budget_min_tokens={min_tokens}"),
+        };
+        match self.kind {
+            PolicyKind::Full => "kv-policy=full (attends to every cached token; no parameters)".into(),
+            PolicyKind::Quest => format!("kv-policy=quest {budget} dense_layers={}", self.dense_layers),
+        }
+    }
+}
+
+/// The optional parts of a policy, as a file or the flags give them.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySettings {
+    pub policy: Option<String>,
+    pub budget_tokens: Option<usize>,
+    pub budget_ratio: Option<f64>,
+    pub budget_min_tokens: Option<usize>,
+    pub dense_layers: Option<usize>,
+    pub window: Option<usize>,
+    /// Must equal the paged-attention block size when given (pages are blocks).
+    pub page_size: Option<usize>,
+}
+
+impl PolicySettings {
+    /// `self` with every value `over` sets replacing ours.
+    pub fn overridden_by(&self, over: &PolicySettings) -> PolicySettings {
+        PolicySettings {
+            policy: over.policy.clone().or_else(|| self.policy.clone()),
+            budget_tokens: over.budget_tokens.or(self.budget_tokens),
+            budget_ratio: over.budget_ratio.or(self.budget_ratio),
+            budget_min_tokens: over.budget_min_tokens.or(self.budget_min_tokens),
+            dense_layers: over.dense_layers.or(self.dense_layers),
+            window: over.window.or(self.window),
+            page_size: over.page_size.or(self.page_size),
+        }
+    }
+
+    /// Validate and fill in defaults. `source` names where the values came from, for errors.
+    pub fn resolve(&self, block_size: usize, source: &str) -> Result<PolicyConfig> {
+        let name = self.policy.as_deref().unwrap_or("full");
+        let kind = PolicyKind::from_name(name).with_context(|| format!("{source}: key `policy` = \"{name}\""))?;
+        let mut config = PolicyConfig::new(kind);
+        if let Some(size) = self.page_size {
+            if size != block_size {
+                bail!("{source}: key `page_size` = {size}: must equal the paged-attention block size ({block_size}, --pa-block-size)");
+            }
+        }
+        match (self.budget_tokens, self.budget_ratio) {
+            (Some(_), Some(_)) => bail!("{source}: keys `budget_tokens` and `budget_ratio` are exclusive: give one"),
+            (Some(0), None) => bail!("{source}: key `budget_tokens` = 0: must be at least 1"),
+            (Some(n), None) => config.budget = Budget::Tokens(n),
+            (None, ratio) => {
+                let ratio = ratio.unwrap_or(DEFAULT_BUDGET_RATIO);
+                if !(ratio > 0.0 && ratio <= 1.0) {
+                    bail!("{source}: key `budget_ratio` = {ratio}: must be in (0, 1]");
+                }
+                let min_tokens = self.budget_min_tokens.unwrap_or(DEFAULT_BUDGET_MIN_TOKENS);
+                config.budget = Budget::Ratio { ratio, min_tokens };
+            }
+        }
+        if self.budget_min_tokens.is_some() && self.budget_tokens.is_some() {
+            bail!("{source}: key `budget_min_tokens` only applies with `budget_ratio`");
+        }
+        if let Some(layers) = self.dense_layers {
+            config.dense_layers = layers;
+        }
+        if let Some(window) = self.window {
+            if window == 0 || window > MAX_WINDOW {
+                bail!("{source}: key `window` = {window}: must be in 1..={MAX_WINDOW}");
+            }
+            config.window = window;
+        }
+        Ok(config)
+    }
+}
+
+/// One `[[models]]` entry.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelEntry {
+    pub model_id: Option<String>,
+    pub arch: Option<String>,
+    pub kv_policy: PolicySettings,
+}
+
+/// A `--kv-policy-config` file.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    #[serde(default)]
+    pub kv_policy: PolicySettings,
+    #[serde(default)]
+    pub models: Vec<ModelEntry>,
+}
+
+impl PolicyFile {
+    pub fn parse(text: &str, source: &str) -> Result<Self> {
+        let file: PolicyFile = toml::from_str(text).map_err(|e| anyhow::anyhow!("{source}: {}", e.to_string().trim()))?;
+        for (i, entry) in file.models.iter().enumerate() {
+            if entry.model_id.is_none() && entry.arch.is_none() {
+                bail!("{source}: models[{i}] needs `model_id` or `arch` to match on");
+            }
+        }
+        Ok(file)
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("--kv-policy-config {}: cannot read", path.display()))?;
+        Self::parse(&text, &format!("--kv-policy-config {}", path.display()))
+    }
+
+    /// The settings for a model: the first `[[models]]` entry whose `model_id` is contained in the
+    /// model's id/path (case-insensitive) and whose `arch` (if given) equals the architecture,
+    /// layered over the file-wide `[kv_policy]`.
+    pub fn settings_for(&self, model_id: &str, arch: Option<&str>) -> PolicySettings {
+        let id = model_id.to_lowercase();
+        let matched = self.models.iter().find(|entry| {
+            let id_ok = entry.model_id.as_ref().is_none_or(|m| id.contains(&m.to_lowercase()));
+            let arch_ok = entry
+                .arch
+                .as_ref()
+                .is_none_or(|a| arch.is_some_and(|arch| arch.eq_ignore_ascii_case(a)));
+            id_ok && arch_ok
+        });
+        match matched {
+            Some(entry) => self.kv_policy.overridden_by(&entry.kv_policy),
+            None => self.kv_policy.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        let file = PolicyFile::parse(text, "cfg");
+        match file {
+            Err(e) => format!("{e:#}"),
+            Ok(f) => format!("{:#}", f.kv_policy.resolve(16, "cfg").unwrap_err()),
+        }
+    }
+
+    #[test]
+    fn bad_values_name_key_value_and_range() {
+        let cases = [
+            ("[kv_policy]\npolicy = \"quest\"\nwindow = 0", &["window", "0", "1..="][..]),
+            ("[kv_policy]\npolicy = \"quest\"\nbudget_tokens = 0", &["budget_tokens", "0"][..]),
+            ("[kv_policy]\nbudget_ratio = 1.5", &["budget_ratio", "1.5", "(0, 1]"][..]),
+            ("[kv_policy]\npage_size = 32", &["page_size", "32", "16"][..]),
+            ("[kv_policy]\npolicy = \"sparse\"", &["policy", "sparse", "full"][..]),
+            ("[kv_policy]\nbudget = 3", &["budget", "unknown field"][..]),
+            ("[kv_policy]\nbudget_tokens = 64\nbudget_ratio = 0.1", &["budget_tokens", "budget_ratio"][..]),
+        ];
+        for (text, needles) in cases {
+            let msg = err(text);
+            for needle in needles {
+                assert!(msg.contains(needle), "`{text}` -> `{msg}` lacks `{needle}`");
+            }
+        }
+    }
+
+    #[test]
+    fn models_entries_match_by_id_and_arch_and_override_the_default() {
+        let file = PolicyFile::parse(
+            r#"
+            [kv_policy]
+            policy = "quest"
+            budget_tokens = 512
+            [[models]]
+            model_id = "smollm2"
+            arch = "llama"
+            [models.kv_policy]
+            dense_layers = 3
+            [[models]]
+            arch = "qwen2"
+            [models.kv_policy]
+            policy = "full"
+            "#,
+            "cfg",
+        )
+        .unwrap();
+        let smol = file.settings_for("/m/SmolLM2-135M", Some("llama")).resolve(16, "x").unwrap();
+        assert_eq!((smol.kind, smol.budget, smol.dense_layers), (PolicyKind::Quest, Budget::Tokens(512), 3));
+        let smol_other_arch = file.settings_for("/m/SmolLM2-135M", Some("mistral")).resolve(16, "x").unwrap();
+        assert_eq!(smol_other_arch.dense_layers, DEFAULT_DENSE_LAYERS);
+        let qwen = file.settings_for("qwen", Some("QWEN2")).resolve(16, "x").unwrap();
+        assert_eq!(qwen.kind, PolicyKind::Full);
+    }
+
+    #[test]
+    fn budget_pages_round_up_and_keep_first_and_last() {
+        assert_eq!(Budget::Tokens(256).pages(10_000, 16), 16);
+        assert_eq!(Budget::Tokens(1).pages(10_000, 16), 2);
+        let ratio = Budget::Ratio { ratio: 0.125, min_tokens: 256 };
+        assert_eq!(ratio.pages(2048, 16), 16); // max(256, 256) tokens
+        assert_eq!(ratio.pages(8192, 16), 64);
+    }
+}

@@ -1,0 +1,144 @@
+//! `quest`: per KV head, the top pages by their key bounds (Quest, ICML 2024), on CPU.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use candle_core::{bail, DType, Result, Tensor};
+use mistralrs_core::kv_policy::{BatchInfo, CacheAllocation, CacheWrite, DecodeAttention, GatherKv, KvPolicy};
+use tracing::{debug, info};
+
+use super::plan::{pages_read, select_pages, PlanInputs};
+use super::summaries::PageSummaries;
+use crate::config::Budget;
+use crate::cpu;
+
+/// Counters since startup, summed over layers and sequences.
+#[derive(Debug, Default)]
+pub struct SparseStats {
+    /// Pages the sparse layers read.
+    pub pages_loaded: AtomicU64,
+    /// Pages those layers would have read under `full`.
+    pub pages_total: AtomicU64,
+}
+
+pub struct QuestPolicy {
+    budget: Budget,
+    dense_layers: usize,
+    summaries: RwLock<Option<Arc<PageSummaries>>>,
+    pub stats: SparseStats,
+}
+
+impl QuestPolicy {
+    pub fn new(budget: Budget, dense_layers: usize) -> Self {
+        Self { budget, dense_layers, summaries: RwLock::new(None), stats: SparseStats::default() }
+    }
+
+    fn summaries(&self) -> Result<Arc<PageSummaries>> {
+        match &*self.summaries.read().expect("lock poisoned") {
+            Some(s) => Ok(s.clone()),
+            None => bail!("quest: the KV cache was not allocated through the policy seam"),
+        }
+    }
+}
+
+/// Host copies of the decode step's tables.
+pub(crate) struct StepTables {
+    pub context_lens: Vec<usize>,
+    pub block_tables: Vec<Vec<u32>>,
+}
+
+impl StepTables {
+    pub fn read(attn: &DecodeAttention<'_>) -> Result<Self> {
+        let context_lens = attn.context_lens.to_vec1::<u32>()?.into_iter().map(|c| c as usize).collect();
+        let block_tables = attn.block_tables.to_vec2::<u32>()?;
+        Ok(Self { context_lens, block_tables })
+    }
+}
+
+impl KvPolicy for QuestPolicy {
+    fn name(&self) -> &str {
+        "quest"
+    }
+
+    fn provides_cpu_kernels(&self) -> bool {
+        true
+    }
+
+    fn cache_allocated(&self, alloc: &CacheAllocation<'_>) -> Result<()> {
+        let Some((key_cache, _)) = alloc.caches.first() else { return Ok(()) };
+        if !key_cache.device().is_cpu() {
+            bail!("kv-policy=quest has CPU kernels only in this build; use --cpu or --kv-policy full");
+        }
+        let summaries = PageSummaries::for_cache(alloc)?;
+        info!(
+            "kv-policy=quest: paged KV cache: {} layers, {} blocks of {} tokens, {:?}; page summaries {:.1} MB",
+            alloc.caches.len(),
+            alloc.num_blocks,
+            alloc.block_size,
+            alloc.dtype,
+            summaries.bytes() as f64 / 1e6
+        );
+        *self.summaries.write().expect("lock poisoned") = Some(Arc::new(summaries));
+        Ok(())
+    }
+
+    fn write_kv(&self, batch: &BatchInfo<'_>, write: &CacheWrite<'_>) -> Result<bool> {
+        cpu::write_kv(write.key, write.value, write.key_cache, write.value_cache, write.slot_mapping)?;
+        if let Some(layer) = batch.layer {
+            self.summaries()?.refresh_written(layer, write.key_cache, write.slot_mapping)?;
+        }
+        Ok(true)
+    }
+
+    fn decode_attention(&self, batch: &BatchInfo<'_>, attn: &DecodeAttention<'_>) -> Result<Option<Tensor>> {
+        super::full::check_supported(attn)?;
+        let dense = batch.layer.is_none_or(|l| l < self.dense_layers);
+        let summaries = self.summaries()?;
+        if dense {
+            return cpu::paged_decode(
+                attn.query, attn.key_cache, attn.value_cache, attn.block_tables, attn.context_lens,
+                attn.softmax_scale, attn.softcap,
+            )
+            .map(Some);
+        }
+        let tables = StepTables::read(attn)?;
+        let budget_pages: Vec<usize> =
+            tables.context_lens.iter().map(|&c| self.budget.pages(c, summaries.block_size)).collect();
+        // A budget that covers a sequence still goes through plan + run (select_pages keeps every
+        // page), so "budget >= context equals full" tests the sparse path itself.
+        let (rows_total, heads, _) = attn.query.dims3()?;
+        let rows = rows_total / tables.context_lens.len();
+        let queries = attn.query.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let layer = batch.layer.expect("sparse layers have an index");
+        let selection = {
+            let bounds = summaries.layer(layer);
+            select_pages(
+                &PlanInputs {
+                    queries: &queries,
+                    rows,
+                    heads,
+                    context_lens: &tables.context_lens,
+                    block_tables: &tables.block_tables,
+                    budget_pages: &budget_pages,
+                },
+                &summaries,
+                &bounds,
+            )
+        };
+        let loaded = pages_read(&selection) as u64;
+        let total: usize = tables.context_lens.iter().map(|c| c.div_ceil(summaries.block_size)).sum::<usize>() * summaries.kv_heads;
+        self.stats.pages_loaded.fetch_add(loaded, Ordering::Relaxed);
+        self.stats.pages_total.fetch_add(total as u64, Ordering::Relaxed);
+        debug!("quest layer {layer}: {loaded} of {total} (page, kv head) pairs");
+        let result = cpu::paged_decode_selected(
+            attn.query, attn.key_cache, attn.value_cache, attn.block_tables, attn.context_lens,
+            &selection, attn.softmax_scale, attn.softcap,
+        )?;
+        Ok(Some(result.out))
+    }
+
+    fn gather_kv(&self, _batch: &BatchInfo<'_>, gather: &GatherKv<'_>) -> Result<Option<(Tensor, Tensor)>> {
+        cpu::gather_kv(gather.key_cache, gather.value_cache, gather.block_tables, gather.cu_seqlens_kv, gather.out_dtype)
+            .map(Some)
+    }
+}
