@@ -39,7 +39,7 @@ fi
 # The conversion is ours; re-run it when the converter's source changes.
 stamp=$(find "$root/mistralrs-retro/src/convert" "$root/mistralrs-retro/src/bin/convert-gguf.rs" -name '*.rs' -type f | sort | xargs cat | sha256sum | cut -d' ' -f1)
 if [ ! -f "$hf_dir/.convert-stamp" ] || [ "$(cat "$hf_dir/.convert-stamp")" != "$stamp" ]; then
-  echo "fetch-smollm2: converting to f32 safetensors in $hf_dir" >&2
+  echo "fetch-smollm2: building convert-gguf (a cold build of mistral.rs takes ~15 minutes on 2 cores) and converting to f32 safetensors in $hf_dir" >&2
   "$root/scripts/prepare-upstream.sh"
   (cd "$root" && cargo run --quiet --release -p mistralrs-retro --bin convert-gguf -- "$gguf" "$hf_dir.tmp")
   rm -rf "$hf_dir"

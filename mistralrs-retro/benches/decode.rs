@@ -1,8 +1,8 @@
-//! Decode throughput: CPU paged attention with `--kv-policy full` against upstream's eager CPU path,
-//! on the embedded SmolLM2 (f32), at prompt lengths of about 128, 512 and 2048 tokens.
+//! Decode throughput on the embedded SmolLM2 (f32): upstream's eager CPU path, CPU paged attention
+//! with `--kv-policy full`, and `quest` at a 12.5% budget, at prompt lengths of about 128, 512 and 2048.
 //!
-//! `cargo bench -p mistralrs-retro --bench decode` (after scripts/fetch-smollm2.sh). Both servers run
-//! side by side in one process tree and the requests alternate, so machine noise hits both alike;
+//! `cargo bench -p mistralrs-retro --bench decode` (after scripts/setup.sh). All servers run
+//! side by side in one process tree and the requests alternate, so machine noise hits all alike;
 //! each cell is the best of `REPEATS` runs. Tokens/s come from the engine's own usage report
 //! (completion tokens / completion time), so HTTP and prefill time are excluded.
 
@@ -14,14 +14,14 @@ use serde_json::json;
 
 const TARGET_PROMPT_TOKENS: [usize; 3] = [128, 512, 2048];
 const NEW_TOKENS: usize = 64;
-const REPEATS: usize = 3;
+const REPEATS: usize = 2;
 
 /// Text of roughly `tokens` tokens that does not repeat exactly (so nothing degenerates).
 fn prompt_of(tokens: usize) -> String {
     let mut text = String::from("Here is a log of measurements.\n");
     let mut i = 0;
-    // About 12 tokens per line for SmolLM2's tokenizer; the real count is read back from usage.
-    // SmolLM2 averages about 2.8 characters per token on these lines.
+    // SmolLM2 averages about 2.8 characters per token on these lines; the real count is read back
+    // from usage.
     while text.len() < tokens * 28 / 10 - 60 {
         text.push_str(&format!("Reading {i}: sensor {} reports {} units.\n", i % 7, (i * 37) % 101));
         i += 1;
@@ -49,27 +49,32 @@ fn main() {
     }
     let model = smollm2_dir();
     let model = model.to_str().unwrap();
-    let eager = Server::start(&["--model", model, "--cpu", "--no-paged-attn", "--no-prefix-cache"]);
-    let paged = Server::start(&["--model", model, "--cpu", "--kv-policy", "full", "--no-prefix-cache"]);
+    let common = ["--model", model, "--cpu", "--no-prefix-cache", "--pa-block-size", "16"];
+    let with = |extra: &[&'static str]| -> Vec<&str> { common.iter().copied().chain(extra.iter().copied()).collect() };
+    let servers = [
+        ("upstream eager", Server::start(&with(&["--no-paged-attn"]))),
+        ("paged full", Server::start(&with(&["--kv-policy", "full"]))),
+        ("quest 12.5%", Server::start(&with(&["--kv-policy", "quest", "--kv-budget-ratio", "0.125", "--kv-budget-min-tokens", "0"]))),
+    ];
 
-    println!("| prompt tokens | eager tok/s | paged full tok/s | ratio |");
-    println!("|---:|---:|---:|---:|");
+    println!("decode tok/s (best of {REPEATS}, {NEW_TOKENS} new tokens), ratio to upstream eager in brackets");
+    println!("| prompt tokens | {} |", servers.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(" | "));
+    println!("|---:|{}", "---:|".repeat(servers.len()));
     for target in TARGET_PROMPT_TOKENS {
         let prompt = prompt_of(target);
-        // Warm-up (allocations, first-touch of the cache) outside the measurement.
-        decode_rate(&eager, &prompt);
-        decode_rate(&paged, &prompt);
-        let (mut best_eager, mut best_paged, mut n_prompt) = (0.0f64, 0.0f64, 0);
-        for _ in 0..REPEATS {
-            let (p, _, r) = decode_rate(&eager, &prompt);
-            best_eager = best_eager.max(r);
-            n_prompt = p;
-            let (_, _, r) = decode_rate(&paged, &prompt);
-            best_paged = best_paged.max(r);
+        // Warm-up (allocations, first touch of the cache) outside the measurement.
+        let mut n_prompt = 0;
+        for (_, server) in &servers {
+            n_prompt = decode_rate(server, &prompt).0;
         }
-        println!(
-            "| {n_prompt} | {best_eager:.1} | {best_paged:.1} | {:.2} |",
-            best_paged / best_eager
-        );
+        let mut best = vec![0.0f64; servers.len()];
+        for _ in 0..REPEATS {
+            // Alternate so machine noise hits every configuration alike.
+            for (i, (_, server)) in servers.iter().enumerate() {
+                best[i] = best[i].max(decode_rate(server, &prompt).2);
+            }
+        }
+        let cells: Vec<String> = best.iter().map(|r| format!("{r:.1} ({:.2}x)", r / best[0])).collect();
+        println!("| {n_prompt} | {} |", cells.join(" | "));
     }
 }

@@ -31,6 +31,20 @@ pub(super) fn check_supported(attn: &DecodeAttention<'_>) -> Result<()> {
     Ok(())
 }
 
+/// CPU decode over every cached token: `full`, and the dense layers of the sparse policies.
+pub(super) fn decode_every_page(attn: &DecodeAttention<'_>) -> Result<Tensor> {
+    check_supported(attn)?;
+    cpu::paged_decode(
+        attn.query,
+        attn.key_cache,
+        attn.value_cache,
+        attn.block_tables,
+        attn.context_lens,
+        attn.softmax_scale,
+        attn.softcap,
+    )
+}
+
 impl KvPolicy for FullPolicy {
     fn name(&self) -> &str {
         "full"
@@ -70,17 +84,7 @@ impl KvPolicy for FullPolicy {
         if !attn.key_cache.device().is_cpu() {
             return Ok(None);
         }
-        check_supported(attn)?;
-        cpu::paged_decode(
-            attn.query,
-            attn.key_cache,
-            attn.value_cache,
-            attn.block_tables,
-            attn.context_lens,
-            attn.softmax_scale,
-            attn.softcap,
-        )
-        .map(Some)
+        decode_every_page(attn).map(Some)
     }
 
     fn gather_kv(&self, _batch: &BatchInfo<'_>, gather: &GatherKv<'_>) -> Result<Option<(Tensor, Tensor)>> {

@@ -91,16 +91,11 @@ impl KvPolicy for QuestPolicy {
     }
 
     fn decode_attention(&self, batch: &BatchInfo<'_>, attn: &DecodeAttention<'_>) -> Result<Option<Tensor>> {
-        super::full::check_supported(attn)?;
-        let dense = batch.layer.is_none_or(|l| l < self.dense_layers);
-        let summaries = self.summaries()?;
-        if dense {
-            return cpu::paged_decode(
-                attn.query, attn.key_cache, attn.value_cache, attn.block_tables, attn.context_lens,
-                attn.softmax_scale, attn.softcap,
-            )
-            .map(Some);
+        if batch.layer.is_none_or(|l| l < self.dense_layers) {
+            return super::full::decode_every_page(attn).map(Some);
         }
+        super::full::check_supported(attn)?;
+        let summaries = self.summaries()?;
         let tables = StepTables::read(attn)?;
         let budget_pages: Vec<usize> =
             tables.context_lens.iter().map(|&c| self.budget.pages(c, summaries.block_size)).collect();
