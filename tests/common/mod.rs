@@ -60,9 +60,11 @@ pub struct Server {
 
 impl Server {
     /// Start on port 0 and wait (up to 5 minutes) for the "ready on" line that names the port.
+    /// Activations and KV cache are f32 (the CPU "auto" dtype would pick a half type) unless `args`
+    /// say otherwise: later flags override earlier ones.
     pub fn start(args: &[&str]) -> Server {
         let mut child = Command::new(server_exe())
-            .args(["--port", "0", "--host", "127.0.0.1"])
+            .args(["--port", "0", "--host", "127.0.0.1", "--dtype", "f32"])
             .args(args)
             .current_dir(workspace_root())
             .env("RUST_LOG", "info")
