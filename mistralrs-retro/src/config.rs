@@ -10,6 +10,7 @@
 //! budget_min_tokens = 256
 //! dense_layers = 2
 //! window = 2                # retro only
+//! output_cache_blocks = 16  # retro only; default --max-seqs
 //!
 //! [[models]]                # first match wins; match by model id (path or name) and/or architecture
 //! model_id = "SmolLM2-135M-Instruct"
@@ -57,6 +58,8 @@ pub struct PolicyConfig {
     pub dense_layers: usize,
     /// RetroAttention window w: the newest row plus w-1 corrected past rows. 1 is plain Quest.
     pub window: usize,
+    /// Output-cache blocks (one per decoding retro sequence); the server defaults it to --max-seqs.
+    pub output_cache_blocks: usize,
 }
 
 pub const DEFAULT_BUDGET_RATIO: f64 = 0.15;
@@ -65,6 +68,8 @@ pub const DEFAULT_DENSE_LAYERS: usize = 2;
 pub const DEFAULT_WINDOW: usize = 2;
 /// Row masks in the kernels are 32-bit; the paper ablates up to 8.
 pub const MAX_WINDOW: usize = 16;
+/// Used when neither the file nor the server says (the server passes --max-seqs).
+pub const DEFAULT_OUTPUT_CACHE_BLOCKS: usize = 16;
 
 impl PolicyConfig {
     pub fn new(kind: PolicyKind) -> Self {
@@ -73,6 +78,7 @@ impl PolicyConfig {
             budget: Budget::Ratio { ratio: DEFAULT_BUDGET_RATIO, min_tokens: DEFAULT_BUDGET_MIN_TOKENS },
             dense_layers: DEFAULT_DENSE_LAYERS,
             window: DEFAULT_WINDOW,
+            output_cache_blocks: DEFAULT_OUTPUT_CACHE_BLOCKS,
         }
     }
 
@@ -85,6 +91,10 @@ impl PolicyConfig {
         match self.kind {
             PolicyKind::Full => "kv-policy=full (attends to every cached token; no parameters)".into(),
             PolicyKind::Quest => format!("kv-policy=quest {budget} dense_layers={}", self.dense_layers),
+            PolicyKind::Retro => format!(
+                "kv-policy=retro {budget} dense_layers={} window={} output_cache_blocks={}",
+                self.dense_layers, self.window, self.output_cache_blocks
+            ),
         }
     }
 }
@@ -99,6 +109,7 @@ pub struct PolicySettings {
     pub budget_min_tokens: Option<usize>,
     pub dense_layers: Option<usize>,
     pub window: Option<usize>,
+    pub output_cache_blocks: Option<usize>,
     /// Must equal the paged-attention block size when given (pages are blocks).
     pub page_size: Option<usize>,
 }
@@ -113,6 +124,7 @@ impl PolicySettings {
             budget_min_tokens: over.budget_min_tokens.or(self.budget_min_tokens),
             dense_layers: over.dense_layers.or(self.dense_layers),
             window: over.window.or(self.window),
+            output_cache_blocks: over.output_cache_blocks.or(self.output_cache_blocks),
             page_size: over.page_size.or(self.page_size),
         }
     }
@@ -151,6 +163,12 @@ impl PolicySettings {
                 bail!("{source}: key `window` = {window}: must be in 1..={MAX_WINDOW}");
             }
             config.window = window;
+        }
+        if let Some(blocks) = self.output_cache_blocks {
+            if blocks == 0 {
+                bail!("{source}: key `output_cache_blocks` = 0: must be at least 1");
+            }
+            config.output_cache_blocks = blocks;
         }
         Ok(config)
     }

@@ -62,6 +62,11 @@ pub struct ServerArgs {
     #[arg(long)]
     pub kv_window: Option<usize>,
 
+    /// Retro output-cache blocks, one per decoding sequence; a sequence that finds none runs as
+    /// quest [default: --max-seqs].
+    #[arg(long)]
+    pub kv_output_cache_blocks: Option<usize>,
+
     /// Address to bind. Loopback unless you say otherwise.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -242,6 +247,7 @@ impl ServerArgs {
             budget_min_tokens: self.kv_budget_min_tokens,
             dense_layers: self.kv_dense_layers,
             window: self.kv_window,
+            output_cache_blocks: self.kv_output_cache_blocks,
             page_size: None,
         };
         // A budget flag replaces the file's budget of the other kind rather than clashing with it.
@@ -252,6 +258,9 @@ impl ServerArgs {
         }
         if flags.budget_ratio.is_some() {
             from_file.budget_tokens = None;
+        }
+        if from_file.output_cache_blocks.is_none() {
+            from_file.output_cache_blocks = Some(self.max_seqs);
         }
         let policy = from_file
             .overridden_by(&flags)

@@ -101,3 +101,9 @@ impl KvPolicy for FullPolicy {
         .map(Some)
     }
 }
+
+impl super::PolicyMetrics for FullPolicy {
+    fn metrics(&self) -> Vec<super::Metric> {
+        Vec::new()
+    }
+}

@@ -6,8 +6,10 @@
 //! plan (`plan::select_pages` over `summaries::PageSummaries`) and a run (`crate::cpu` kernels).
 
 mod full;
+pub mod output_cache;
 pub mod plan;
 mod quest;
+mod retro;
 pub mod summaries;
 
 use std::fmt;
@@ -16,6 +18,7 @@ use std::sync::Arc;
 pub use full::FullPolicy;
 use mistralrs_core::kv_policy::{register_kv_policy, KvPolicy};
 pub use quest::QuestPolicy;
+pub use retro::RetroPolicy;
 
 pub use crate::config::PolicyConfig;
 
@@ -26,16 +29,19 @@ pub enum PolicyKind {
     Full,
     /// Per KV head, the top-k pages by an upper bound of q·k from per-page key min/max.
     Quest,
+    /// Quest plus RetroAttention: the last w−1 rows are corrected with later steps' pages.
+    Retro,
 }
 
 impl PolicyKind {
     /// Every policy this build registers, by the name users type.
-    pub const ALL: &'static [PolicyKind] = &[PolicyKind::Full, PolicyKind::Quest];
+    pub const ALL: &'static [PolicyKind] = &[PolicyKind::Full, PolicyKind::Quest, PolicyKind::Retro];
 
     pub fn name(self) -> &'static str {
         match self {
             PolicyKind::Full => "full",
             PolicyKind::Quest => "quest",
+            PolicyKind::Retro => "retro",
         }
     }
 
@@ -63,17 +69,52 @@ impl fmt::Display for PolicyKind {
     }
 }
 
+/// One number a policy reports on `/metrics` (Prometheus text format, prefixed `mistralrs_kv_`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Metric {
+    pub name: &'static str,
+    pub help: &'static str,
+    /// `counter` or `gauge`.
+    pub kind: &'static str,
+    pub value: f64,
+}
+
+impl Metric {
+    pub fn counter(name: &'static str, help: &'static str, value: f64) -> Self {
+        Self { name, help, kind: "counter", value }
+    }
+
+    pub fn gauge(name: &'static str, help: &'static str, value: f64) -> Self {
+        Self { name, help, kind: "gauge", value }
+    }
+}
+
+/// The numbers a policy exposes while it serves.
+pub trait PolicyMetrics {
+    fn metrics(&self) -> Vec<Metric>;
+}
+
+/// A policy the server can install and report on.
+pub trait ServedPolicy: KvPolicy + PolicyMetrics {}
+impl<T: KvPolicy + PolicyMetrics> ServedPolicy for T {}
+
 impl PolicyConfig {
-    pub fn build(&self) -> Arc<dyn KvPolicy> {
+    pub fn build(&self) -> Arc<dyn ServedPolicy> {
         match self.kind {
             PolicyKind::Full => Arc::new(FullPolicy::new()),
             PolicyKind::Quest => Arc::new(QuestPolicy::new(self.budget, self.dense_layers)),
+            PolicyKind::Retro => Arc::new(RetroPolicy::new(
+                self.budget,
+                self.dense_layers,
+                self.window,
+                self.output_cache_blocks,
+            )),
         }
     }
 }
 
 /// Register the policy with mistral.rs. Must run before the model (and its KV cache) is loaded.
-pub fn install(config: &PolicyConfig) -> Arc<dyn KvPolicy> {
+pub fn install(config: &PolicyConfig) -> Arc<dyn ServedPolicy> {
     let policy = config.build();
     register_kv_policy(policy.clone());
     policy

@@ -22,8 +22,8 @@ pub struct SparseStats {
 }
 
 pub struct QuestPolicy {
-    budget: Budget,
-    dense_layers: usize,
+    pub(super) budget: Budget,
+    pub(super) dense_layers: usize,
     summaries: RwLock<Option<Arc<PageSummaries>>>,
     pub stats: SparseStats,
 }
@@ -33,7 +33,7 @@ impl QuestPolicy {
         Self { budget, dense_layers, summaries: RwLock::new(None), stats: SparseStats::default() }
     }
 
-    fn summaries(&self) -> Result<Arc<PageSummaries>> {
+    pub(super) fn summaries(&self) -> Result<Arc<PageSummaries>> {
         match &*self.summaries.read().expect("lock poisoned") {
             Some(s) => Ok(s.clone()),
             None => bail!("quest: the KV cache was not allocated through the policy seam"),
@@ -135,5 +135,15 @@ impl KvPolicy for QuestPolicy {
     fn gather_kv(&self, _batch: &BatchInfo<'_>, gather: &GatherKv<'_>) -> Result<Option<(Tensor, Tensor)>> {
         cpu::gather_kv(gather.key_cache, gather.value_cache, gather.block_tables, gather.cu_seqlens_kv, gather.out_dtype)
             .map(Some)
+    }
+}
+
+impl super::PolicyMetrics for QuestPolicy {
+    fn metrics(&self) -> Vec<super::Metric> {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+        vec![
+            super::Metric::counter("pages_loaded_total", "(page, KV head) pairs the sparse layers read", load(&self.stats.pages_loaded)),
+            super::Metric::counter("pages_full_total", "(page, KV head) pairs full attention would have read in those layers", load(&self.stats.pages_total)),
+        ]
     }
 }

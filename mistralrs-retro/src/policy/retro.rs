@@ -1,0 +1,388 @@
+//! `retro`: Quest plus RetroAttention (arXiv 2508.09001), on CPU. DESIGN.md §3 is the algorithm.
+//!
+//! The core patch `0003-replay-window` makes every decode step feed each sequence's last w tokens;
+//! this policy turns those rows into RetroAttention:
+//! - the newest row selects its pages (the Quest plan) and attends to them;
+//! - each older row keeps its output in the output cache and is corrected with the selected pages
+//!   it has not seen yet (its supplement), merged exactly through the log-sum-exp;
+//! - one fused kernel call (`cpu::paged_decode_selected`) loads each page once per (sequence, KV
+//!   head) and uses it for every row whose mask bit is set;
+//! - the corrected rows flow on through the model, so their K/V slots are rewritten by the next
+//!   layers' cache writes, except rows from the dense prefill, whose slots the replay leaves alone.
+//!
+//! A sequence whose first decode step finds the output-cache pool dry runs as `quest`: its older
+//! rows are neither attended for nor written.
+
+use std::sync::atomic::Ordering;
+
+use candle_core::{DType, Device, Result, Tensor};
+use mistralrs_core::kv_policy::{BatchInfo, CacheAllocation, CacheWrite, DecodeAttention, GatherKv, KvPolicy};
+use tracing::{debug, warn};
+
+use super::full::{check_supported, decode_every_page};
+use super::output_cache::{OutputCachePool, SequenceState};
+use super::plan::{select_pages, PlanInputs};
+use super::quest::{QuestPolicy, StepTables};
+use super::{Metric, PolicyMetrics};
+use crate::config::Budget;
+use crate::cpu::{self, merge_partial, PageSelection};
+
+pub struct RetroPolicy {
+    quest: QuestPolicy,
+    window: usize,
+    pool: OutputCachePool,
+}
+
+/// What a past row of the window needs this step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum PastRow {
+    /// The sequence runs as quest (no output-cache block): nothing.
+    Skip,
+    /// Cached: correct it with the selected pages it has not seen.
+    Cached,
+    /// A prompt row not cached yet: it attends to everything before it, once.
+    Dense,
+    /// A generated row not cached (e.g. its sequence was trimmed): it attends to this selection.
+    Fresh,
+}
+
+impl RetroPolicy {
+    pub fn new(budget: Budget, dense_layers: usize, window: usize, output_cache_blocks: usize) -> Self {
+        Self {
+            quest: QuestPolicy::new(budget, dense_layers),
+            window,
+            pool: OutputCachePool::new(output_cache_blocks, window),
+        }
+    }
+
+    /// Prompt steps record how much of each sequence is dense; a sequence's first decode step
+    /// takes its output-cache block. Returns, per batch row, whether the row's K/V write is kept.
+    fn track_write(&self, batch: &BatchInfo<'_>, rows_total: usize) -> Result<Option<Vec<bool>>> {
+        let mut inner = self.pool.lock();
+        if batch.is_prompt {
+            for (&seq_id, &len) in batch.seq_ids.iter().zip(batch.seq_context_lens) {
+                if let Some(old) = self.pool.release(&mut inner, seq_id) {
+                    debug!("kv-policy=retro: sequence {seq_id} prefilled again; its output cache starts over ({:?})", old.numbers);
+                }
+                inner.sequences.insert(
+                    seq_id,
+                    SequenceState { dense_kv_len: len, decoding: false, block: None, numbers: Default::default() },
+                );
+            }
+            return Ok(None);
+        }
+        let layers = self.quest.summaries()?.num_layers();
+        let batch_len = batch.seq_ids.len();
+        let rows = rows_total.checked_div(batch_len).unwrap_or(1);
+        let mut keep = None::<Vec<bool>>;
+        for (seq, (&seq_id, &len)) in batch.seq_ids.iter().zip(batch.seq_context_lens).enumerate() {
+            if !inner.sequences.get(&seq_id).is_some_and(|s| s.decoding) {
+                let block = if self.window > 1 { self.pool.take(&mut inner, layers) } else { None };
+                if block.is_none() && self.window > 1 {
+                    self.pool.totals.degraded_sequences.fetch_add(1, Ordering::Relaxed);
+                    warn!(
+                        "kv-policy=retro: output-cache pool is dry ({} blocks in use); sequence {seq_id} runs as quest",
+                        self.pool.capacity()
+                    );
+                }
+                let state = inner.sequences.entry(seq_id).or_insert_with(|| SequenceState {
+                    // Never saw its prompt (cannot happen through the engine): treat it all as dense.
+                    dense_kv_len: len.saturating_sub(1),
+                    decoding: false,
+                    block: None,
+                    numbers: Default::default(),
+                });
+                state.decoding = true;
+                state.block = block;
+            }
+            if rows > 1 && inner.sequences[&seq_id].block.is_none() {
+                let keep = keep.get_or_insert_with(|| vec![true; rows_total]);
+                keep[seq * rows..seq * rows + rows - 1].fill(false);
+            }
+        }
+        Ok(keep)
+    }
+
+    /// One sparse layer's attention for a window of `rows` rows per sequence.
+    fn decode_window(&self, batch: &BatchInfo<'_>, attn: &DecodeAttention<'_>, layer: usize, rows: usize) -> Result<Tensor> {
+        check_supported(attn)?;
+        let summaries = self.quest.summaries()?;
+        let tables = StepTables::read(attn)?;
+        let (block_size, kv_heads) = (summaries.block_size, summaries.kv_heads);
+        let (rows_total, heads, head_dim) = attn.query.dims3()?;
+        let batch_len = tables.context_lens.len();
+        let queries = attn.query.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let budget_pages: Vec<usize> =
+            tables.context_lens.iter().map(|&c| self.quest.budget.pages(c, block_size)).collect();
+        let plan = {
+            let bounds = summaries.layer(layer);
+            select_pages(
+                &PlanInputs {
+                    queries: &queries,
+                    rows,
+                    heads,
+                    context_lens: &tables.context_lens,
+                    block_tables: &tables.block_tables,
+                    budget_pages: &budget_pages,
+                },
+                &summaries,
+                &bounds,
+            )
+        };
+
+        let mut inner = self.pool.lock();
+        let past = rows - 1;
+        let newest = 1u32 << past;
+        let mut kinds = vec![PastRow::Skip; batch_len * past];
+        let mut fused = PageSelection::new(kv_heads);
+        for seq in 0..batch_len {
+            let ctx = tables.context_lens[seq];
+            let pages = ctx.div_ceil(block_size);
+            let first_pos = ctx - rows;
+            let state = inner.sequences.get_mut(&batch.seq_ids[seq]);
+            let dense_kv_len = state.as_ref().map_or(0, |s| s.dense_kv_len);
+            let mut block = state.and_then(|s| s.block.as_mut());
+            let kinds = &mut kinds[seq * past..(seq + 1) * past];
+            let mut dense_rows = 0u32;
+            if let Some(block) = block.as_deref_mut() {
+                for (j, kind) in kinds.iter_mut().enumerate() {
+                    let pos = first_pos + j;
+                    *kind = if block.row(layer, pos).is_some() {
+                        PastRow::Cached
+                    } else if pos < dense_kv_len {
+                        dense_rows |= 1 << j;
+                        PastRow::Dense
+                    } else {
+                        PastRow::Fresh
+                    };
+                }
+            }
+            let before = fused.entries.len();
+            let mut supplements = 0u64;
+            for kv_head in 0..kv_heads {
+                let chosen = plan.list(seq, kv_head);
+                let mut row_mask = |page: usize| -> u32 {
+                    let mut mask = newest;
+                    for (j, kind) in kinds.iter().enumerate() {
+                        let pos = first_pos + j;
+                        if page * block_size > pos {
+                            continue;
+                        }
+                        let unseen = match kind {
+                            PastRow::Cached => {
+                                let row = block.as_deref_mut().and_then(|b| b.row(layer, pos));
+                                !row.is_some_and(|r| r.has_seen(kv_head, page))
+                            }
+                            PastRow::Fresh => true,
+                            PastRow::Skip | PastRow::Dense => false,
+                        };
+                        if unseen {
+                            mask |= 1 << j;
+                            supplements += u64::from(*kind == PastRow::Cached);
+                        }
+                    }
+                    mask
+                };
+                if dense_rows == 0 {
+                    for entry in chosen {
+                        let mask = row_mask(entry.page as usize);
+                        fused.push(entry.page, mask);
+                    }
+                } else {
+                    // Prompt rows read every page once; the selected ones serve the others too.
+                    let mut next = chosen.iter().peekable();
+                    for page in 0..pages as u32 {
+                        let selected = next.next_if(|e| e.page == page).is_some();
+                        let mask = dense_rows | if selected { row_mask(page as usize) } else { 0 };
+                        fused.push(page, mask);
+                    }
+                }
+                fused.finish_list();
+            }
+            if let Some(state) = inner.sequences.get_mut(&batch.seq_ids[seq]) {
+                state.numbers.pages_loaded += (fused.entries.len() - before) as u64;
+                state.numbers.supplement_pages += supplements;
+            }
+        }
+
+        let loaded = fused.entries.len() as u64;
+        let total = tables.context_lens.iter().map(|c| c.div_ceil(block_size)).sum::<usize>() * kv_heads;
+        self.quest.stats.pages_loaded.fetch_add(loaded, Ordering::Relaxed);
+        self.quest.stats.pages_total.fetch_add(total as u64, Ordering::Relaxed);
+        debug!("retro layer {layer}: {loaded} of {total} (page, kv head) pairs for {rows} rows per sequence");
+
+        let result = cpu::paged_decode_selected(
+            attn.query, attn.key_cache, attn.value_cache, attn.block_tables, attn.context_lens,
+            &fused, attn.softmax_scale, attn.softcap,
+        )?;
+        let mut out = result.out.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let lse = result.lse;
+        let row_len = heads * head_dim;
+
+        for seq in 0..batch_len {
+            let ctx = tables.context_lens[seq];
+            let pages = ctx.div_ceil(block_size);
+            let first_pos = ctx - rows;
+            let Some(state) = inner.sequences.get_mut(&batch.seq_ids[seq]) else { continue };
+            let Some(block) = state.block.as_mut() else { continue };
+            let numbers = &mut state.numbers;
+            for j in 0..rows {
+                let pos = first_pos + j;
+                let at = seq * rows + j;
+                let (o, l) = (&mut out[at * row_len..(at + 1) * row_len], &lse[at * heads..(at + 1) * heads]);
+                let kind = if j == past { PastRow::Fresh } else { kinds[seq * past + j] };
+                if kind == PastRow::Cached {
+                    let row = block.row(layer, pos).expect("classified as cached");
+                    for h in 0..heads {
+                        let span = h * head_dim..(h + 1) * head_dim;
+                        merge_partial(&mut row.out[span.clone()], &mut row.lse[h], &o[span], l[h]);
+                    }
+                    o.copy_from_slice(&row.out);
+                    mark_selected(row, &plan, seq, kv_heads, pos, block_size);
+                    continue;
+                }
+                if kind == PastRow::Skip {
+                    continue;
+                }
+                // A new entry: the row it replaces has left the window.
+                let slot = block.slot(layer, pos);
+                numbers.close_row(slot);
+                slot.reset(pos, kv_heads, pages, o, l);
+                if kind == PastRow::Dense {
+                    slot.seen_all = true;
+                } else {
+                    slot.own_pages = mark_selected(slot, &plan, seq, kv_heads, pos, block_size);
+                }
+            }
+        }
+        drop(inner);
+        Tensor::from_vec(out, (rows_total, heads, head_dim), &Device::Cpu)?.to_dtype(attn.query.dtype())
+    }
+}
+
+/// Mark the plan's pages up to the row's own page as seen; returns how many were marked.
+fn mark_selected(
+    row: &mut super::output_cache::RowEntry,
+    plan: &PageSelection,
+    seq: usize,
+    kv_heads: usize,
+    pos: usize,
+    block_size: usize,
+) -> u64 {
+    let mut marked = 0;
+    for kv_head in 0..kv_heads {
+        for entry in plan.list(seq, kv_head).iter().filter(|e| e.page as usize * block_size <= pos) {
+            row.mark_seen(kv_head, entry.page as usize);
+            marked += 1;
+        }
+    }
+    marked
+}
+
+impl KvPolicy for RetroPolicy {
+    fn name(&self) -> &str {
+        "retro"
+    }
+
+    fn provides_cpu_kernels(&self) -> bool {
+        true
+    }
+
+    fn replay_window(&self) -> usize {
+        self.window
+    }
+
+    fn dense_kv_len(&self, seq_id: usize) -> usize {
+        // Unknown sequences (none reach here through the engine) keep every slot.
+        self.pool.lock().sequences.get(&seq_id).map_or(usize::MAX, |s| s.dense_kv_len)
+    }
+
+    fn ragged_decode(&self) -> bool {
+        true
+    }
+
+    fn cache_allocated(&self, alloc: &CacheAllocation<'_>) -> Result<()> {
+        self.quest.cache_allocated(alloc)
+    }
+
+    fn write_kv(&self, batch: &BatchInfo<'_>, write: &CacheWrite<'_>) -> Result<bool> {
+        let rows_total = write.slot_mapping.dim(0)?;
+        // The prompt is recorded once per step (layer 0); decode steps need the row filter at every layer.
+        let keep = match batch.layer {
+            Some(layer) if layer == 0 || !batch.is_prompt => self.track_write(batch, rows_total)?,
+            _ => None,
+        };
+        let Some(keep) = keep else { return self.quest.write_kv(batch, write) };
+        // Sequences running as quest keep their older rows' K/V as they are.
+        let slots: Vec<i64> = write
+            .slot_mapping
+            .to_dtype(DType::I64)?
+            .to_vec1::<i64>()?
+            .into_iter()
+            .zip(&keep)
+            .map(|(slot, &keep)| if keep { slot } else { -1 })
+            .collect();
+        let slot_mapping = Tensor::from_vec(slots, rows_total, write.slot_mapping.device())?;
+        self.quest.write_kv(batch, &CacheWrite { slot_mapping: &slot_mapping, ..*write })
+    }
+
+    fn decode_attention(&self, batch: &BatchInfo<'_>, attn: &DecodeAttention<'_>) -> Result<Option<Tensor>> {
+        let rows = attn.query.dim(0)? / attn.context_lens.dim(0)?.max(1);
+        match batch.layer {
+            Some(layer) if layer >= self.quest.dense_layers && rows > 1 => {
+                self.decode_window(batch, attn, layer, rows).map(Some)
+            }
+            // Dense layers recompute every row exactly; a window of one is plain quest.
+            Some(layer) if layer >= self.quest.dense_layers => self.quest.decode_attention(batch, attn),
+            _ => decode_every_page(attn).map(Some),
+        }
+    }
+
+    fn gather_kv(&self, batch: &BatchInfo<'_>, gather: &GatherKv<'_>) -> Result<Option<(Tensor, Tensor)>> {
+        self.quest.gather_kv(batch, gather)
+    }
+
+    fn sequence_freed(&self, seq_id: usize) {
+        let mut inner = self.pool.lock();
+        if let Some(state) = self.pool.release(&mut inner, seq_id) {
+            let n = state.numbers;
+            debug!(
+                "kv-policy=retro: sequence {seq_id} done: {} pages loaded, {} supplement pages, exposure {}",
+                n.pages_loaded,
+                n.supplement_pages,
+                n.exposure().map_or("n/a".into(), |e| format!("{e:.3}"))
+            );
+        }
+    }
+
+    fn sequence_trimmed(&self, seq_id: usize, num_tokens: usize) {
+        if let Some(state) = self.pool.lock().sequences.get_mut(&seq_id) {
+            state.dense_kv_len = state.dense_kv_len.min(num_tokens);
+            if let Some(block) = state.block.as_mut() {
+                block.forget_from(num_tokens);
+            }
+        }
+    }
+}
+
+impl PolicyMetrics for RetroPolicy {
+    fn metrics(&self) -> Vec<Metric> {
+        let t = &self.pool.totals;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
+        let (seen, own) = (load(&t.exposure_seen), load(&t.exposure_own));
+        let mut metrics = self.quest.metrics();
+        metrics.extend([
+            Metric::gauge("retro_window", "RetroAttention window w", self.window as f64),
+            Metric::counter("retro_supplement_pages_total", "(row, page, KV head) triples read to correct past rows, finished sequences", load(&t.supplement_pages)),
+            Metric::gauge(
+                "retro_effective_exposure",
+                "Pages a row attended to once its window closed over the pages it selected itself (finished sequences; 0 before any)",
+                if own > 0.0 { seen / own } else { 0.0 },
+            ),
+            Metric::gauge("retro_output_cache_blocks_capacity", "Output-cache blocks in the pool", self.pool.capacity() as f64),
+            Metric::gauge("retro_output_cache_blocks_in_use", "Output-cache blocks held by sequences", t.blocks_in_use.load(Ordering::Relaxed) as f64),
+            Metric::counter("retro_degraded_sequences_total", "Sequences that found the pool dry and ran as quest", load(&t.degraded_sequences)),
+        ]);
+        metrics
+    }
+}
