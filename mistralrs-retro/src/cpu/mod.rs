@@ -15,7 +15,7 @@ mod reference;
 mod selected_tests;
 mod selection;
 #[cfg(test)]
-mod test_support;
+pub(crate) mod test_support;
 
 pub use cache_write::write_kv;
 pub use decode::{paged_decode, paged_decode_selected, AttentionWithLse};

@@ -10,6 +10,8 @@ pub mod output_cache;
 pub mod plan;
 mod quest;
 mod retro;
+#[cfg(test)]
+mod retro_tests;
 pub mod summaries;
 
 use std::fmt;

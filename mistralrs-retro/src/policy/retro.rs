@@ -260,6 +260,13 @@ impl RetroPolicy {
     }
 }
 
+#[cfg(test)]
+impl RetroPolicy {
+    pub(super) fn pool_totals(&self) -> &super::output_cache::PoolTotals {
+        &self.pool.totals
+    }
+}
+
 /// Mark the plan's pages up to the row's own page as seen; returns how many were marked.
 fn mark_selected(
     row: &mut super::output_cache::RowEntry,
