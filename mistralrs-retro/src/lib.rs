@@ -4,3 +4,4 @@ pub mod convert;
 pub mod policy;
 pub mod server;
 pub mod config;
+pub mod metrics;

@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
@@ -18,7 +19,12 @@ use mistralrs_server_core::mistralrs_server_router_builder::MistralRsServerRoute
 use tracing::info;
 
 use crate::config::{PolicyConfig, PolicyFile, PolicySettings};
-use crate::policy::{self, PolicyKind};
+use crate::metrics;
+use crate::policy::{self, PolicyKind, ServedPolicy};
+
+/// Architectures (config.json `model_type`, GGUF `general.architecture`) whose decode path was
+/// checked to take a replay window (shared/REPLAY.md §2): no recurrent state, no MLA decode.
+pub const REPLAY_ARCHITECTURES: [&str; 4] = ["llama", "mistral", "qwen2", "phi3"];
 
 /// Block sizes the paged KV cache (upstream's and ours) supports.
 pub const SUPPORTED_BLOCK_SIZES: [usize; 3] = [8, 16, 32];
@@ -170,6 +176,18 @@ impl ModelSource {
         }
     }
 
+    /// The attention window of a sliding-window model (config.json `sliding_window`, and for
+    /// Qwen2 only with `use_sliding_window`); `None` for GGUF files and full-attention models.
+    pub fn sliding_window(&self) -> Option<usize> {
+        let ModelSource::SafetensorsDir(dir) = self else { return None };
+        let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+        let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+        if config["use_sliding_window"] == serde_json::Value::Bool(false) {
+            return None;
+        }
+        config["sliding_window"].as_u64().map(|w| w as usize)
+    }
+
     fn selected(&self, dtype: ModelDType, max_seq_len: usize) -> Result<ModelSelected> {
         let utf8 = |p: &Path| {
             p.to_str()
@@ -262,9 +280,30 @@ impl ServerArgs {
         if from_file.output_cache_blocks.is_none() {
             from_file.output_cache_blocks = Some(self.max_seqs);
         }
-        let policy = from_file
+        let mut policy = from_file
             .overridden_by(&flags)
             .resolve(self.pa_block_size, "kv policy (flags --kv-*, --kv-policy-config)")?;
+        let arch = source.architecture();
+        if policy.kind == PolicyKind::Retro
+            && policy.window > 1
+            && !arch.as_deref().is_some_and(|a| REPLAY_ARCHITECTURES.contains(&a))
+        {
+            bail!(
+                "kv-policy=retro with window {} replays the last tokens through the model, which is checked for \
+                 the architectures {REPLAY_ARCHITECTURES:?}; this model's is {}: use --kv-window 1 (quest) or --kv-policy quest",
+                policy.window,
+                arch.as_deref().unwrap_or("unknown")
+            );
+        }
+        if let (Some(window), true) = (source.sliding_window(), policy.kind != PolicyKind::Full) {
+            // Windowed block tables shift logical pages as the window moves: the page plan and
+            // retro's seen-sets would be wrong. Every layer of these models is windowed.
+            tracing::warn!(
+                "the model uses sliding-window attention (window {window}): kv-policy={} does not support it; every layer runs kv-policy=full",
+                policy.kind
+            );
+            policy = PolicyConfig::new(PolicyKind::Full);
+        }
         Ok((policy, source))
     }
 
@@ -293,19 +332,24 @@ fn device(force_cpu: bool) -> Result<Device> {
     Ok(Device::Cpu)
 }
 
-/// Load the model with the policy installed, and build the engine.
-pub async fn build_engine(args: &ServerArgs) -> Result<mistralrs_server_core::types::SharedMistralRsState> {
+/// Load the model with the policy installed, and build the engine. Also returns the installed
+/// policy (`None` with --no-paged-attn), for `/metrics`.
+pub async fn build_engine(
+    args: &ServerArgs,
+) -> Result<(mistralrs_server_core::types::SharedMistralRsState, Option<Arc<dyn ServedPolicy>>)> {
     let (policy_config, source) = args.validate()?;
     // Never reach for the hub: models are local paths.
     std::env::set_var("HF_HUB_OFFLINE", "1");
 
     let paged = args.paged_attn_config()?;
-    if paged.is_some() {
-        policy::install(&policy_config);
+    let installed = if paged.is_some() {
+        let installed = policy::install(&policy_config);
         info!("{}", policy_config.describe());
+        Some(installed)
     } else {
         info!("paged attention disabled (--no-paged-attn): upstream eager attention, kv-policy unused");
-    }
+        None
+    };
 
     let dtype: ModelDType = args.dtype.parse().map_err(|e: String| anyhow::anyhow!(e))?;
     let selected = source.selected(dtype, args.max_seq_len)?;
@@ -338,19 +382,27 @@ pub async fn build_engine(args: &ServerArgs) -> Result<mistralrs_server_core::ty
             ),
         },
     };
-    Ok(MistralRsBuilder::new(pipeline, scheduler, true, None)
+    let engine = MistralRsBuilder::new(pipeline, scheduler, true, None)
         .with_no_prefix_cache(args.no_prefix_cache)
         .build()
-        .await)
+        .await;
+    Ok((engine, installed))
 }
 
 /// Serve until SIGINT/SIGTERM.
 pub async fn serve(args: ServerArgs) -> Result<()> {
-    let engine = build_engine(&args).await?;
+    let (engine, installed) = build_engine(&args).await?;
     let app = MistralRsServerRouterBuilder::new()
         .with_mistralrs(engine)
         .build()
-        .await?;
+        .await?
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let text = metrics::render(installed.as_deref(), mistralrs_core::kv_policy::free_kv_blocks());
+                async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text) }
+            }),
+        );
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
         .with_context(|| format!("cannot bind --host {} --port {}", args.host, args.port))?;
