@@ -174,16 +174,50 @@ impl PolicySettings {
     }
 }
 
-/// One `[[models]]` entry.
+/// One `[[models]]` entry: upstream's `mistralrs from-config` model entry plus our `kv_policy` table.
+/// Upstream's keys are accepted (and left to upstream's tools); any other key is an error.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ModelEntry {
     pub model_id: Option<String>,
     pub arch: Option<String>,
-    pub kv_policy: PolicySettings,
+    #[serde(default)]
+    pub kv_policy: Option<PolicySettings>,
+    // Upstream's own keys (mistralrs-cli 0.8.1 `ModelEntry`), not used by this server.
+    kind: Option<toml::Value>,
+    tokenizer: Option<toml::Value>,
+    dtype: Option<toml::Value>,
+    chat_template: Option<toml::Value>,
+    jinja_explicit: Option<toml::Value>,
+    format: Option<toml::Value>,
+    adapter: Option<toml::Value>,
+    quantization: Option<toml::Value>,
+    device: Option<toml::Value>,
+    multimodal: Option<toml::Value>,
+    matformer_config_path: Option<toml::Value>,
+    matformer_slice_name: Option<toml::Value>,
 }
 
-/// A `--kv-policy-config` file.
+impl ModelEntry {
+    /// Whether this entry names the model at `model_id` (a path or hub id) with architecture `arch`:
+    /// the entry's `model_id`, or its last path segment (`org/Name` matches a local `.../name-f32`
+    /// only through `Name`), is contained in the model's id, case-insensitively; `arch`, if given,
+    /// equals the model's.
+    fn matches(&self, model_id: &str, arch: Option<&str>) -> bool {
+        let id = model_id.to_lowercase();
+        let id_ok = self.model_id.as_ref().is_none_or(|m| {
+            let m = m.to_lowercase();
+            let last = m.rsplit('/').next().unwrap_or(&m);
+            id.contains(&m) || (!last.is_empty() && id.contains(last))
+        });
+        let arch_ok = self.arch.as_ref().is_none_or(|a| arch.is_some_and(|arch| arch.eq_ignore_ascii_case(a)));
+        id_ok && arch_ok
+    }
+}
+
+/// A `--kv-policy-config` file: ours (`[kv_policy]` and `[[models]]` with `kv_policy` tables) or an
+/// upstream `mistralrs from-config` file extended with them, which keeps working upstream (it
+/// ignores keys it does not know).
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyFile {
@@ -191,6 +225,16 @@ pub struct PolicyFile {
     pub kv_policy: PolicySettings,
     #[serde(default)]
     pub models: Vec<ModelEntry>,
+    // Upstream's top-level keys, not used by this server.
+    command: Option<toml::Value>,
+    global: Option<toml::Value>,
+    runtime: Option<toml::Value>,
+    server: Option<toml::Value>,
+    paged_attn: Option<toml::Value>,
+    default_model_id: Option<toml::Value>,
+    thinking: Option<toml::Value>,
+    enable_thinking: Option<toml::Value>,
+    sandbox: Option<toml::Value>,
 }
 
 impl PolicyFile {
@@ -210,21 +254,16 @@ impl PolicyFile {
         Self::parse(&text, &format!("--kv-policy-config {}", path.display()))
     }
 
-    /// The settings for a model: the first `[[models]]` entry whose `model_id` is contained in the
-    /// model's id/path (case-insensitive) and whose `arch` (if given) equals the architecture,
-    /// layered over the file-wide `[kv_policy]`.
+    /// The settings for a model: the first `[[models]]` entry with a `kv_policy` table that
+    /// [matches](ModelEntry::matches) the model, layered over the file-wide `[kv_policy]`.
     pub fn settings_for(&self, model_id: &str, arch: Option<&str>) -> PolicySettings {
-        let id = model_id.to_lowercase();
-        let matched = self.models.iter().find(|entry| {
-            let id_ok = entry.model_id.as_ref().is_none_or(|m| id.contains(&m.to_lowercase()));
-            let arch_ok = entry
-                .arch
-                .as_ref()
-                .is_none_or(|a| arch.is_some_and(|arch| arch.eq_ignore_ascii_case(a)));
-            id_ok && arch_ok
-        });
-        match matched {
-            Some(entry) => self.kv_policy.overridden_by(&entry.kv_policy),
+        let matched = self
+            .models
+            .iter()
+            .filter(|entry| entry.kv_policy.is_some())
+            .find(|entry| entry.matches(model_id, arch));
+        match matched.and_then(|entry| entry.kv_policy.as_ref()) {
+            Some(settings) => self.kv_policy.overridden_by(settings),
             None => self.kv_policy.clone(),
         }
     }
@@ -287,6 +326,61 @@ mod tests {
         assert_eq!(smol_other_arch.dense_layers, DEFAULT_DENSE_LAYERS);
         let qwen = file.settings_for("qwen", Some("QWEN2")).resolve(16, "x").unwrap();
         assert_eq!(qwen.kind, PolicyKind::Full);
+    }
+
+    #[test]
+    fn an_upstream_from_config_file_with_kv_policy_tables_parses_and_matches() {
+        // upstream's examples/cli-config.toml (mistral.rs 0.8.1), with kv_policy tables added.
+        let file = PolicyFile::parse(
+            r#"
+            command = "serve"
+            [server]
+            host = "0.0.0.0"
+            port = 1234
+            [runtime]
+            max_seqs = 32
+            [paged_attn]
+            mode = "auto"
+            [[models]]
+            kind = "auto"
+            model_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
+            [models.quantization]
+            in_situ_quant = "4"
+            [models.kv_policy]
+            policy = "retro"
+            window = 4
+            [[models]]
+            kind = "multimodal"
+            model_id = "Qwen/Qwen2-VL-2B-Instruct"
+            "#,
+            "cfg",
+        )
+        .unwrap();
+        let smol = file.settings_for("models/smollm2-135m-instruct-f32", Some("llama")).resolve(16, "x").unwrap();
+        assert_eq!((smol.kind, smol.window), (PolicyKind::Retro, 4));
+        let other = file.settings_for("models/qwen2-vl-2b-instruct", None).resolve(16, "x").unwrap();
+        assert_eq!(other.kind, PolicyKind::Full, "an entry without kv_policy changes nothing");
+        let msg = format!("{:#}", PolicyFile::parse("[[models]]\nmodel_id = \"x\"\nkv_polcy = 1\n", "cfg").unwrap_err());
+        assert!(msg.contains("kv_polcy"), "{msg}");
+    }
+
+    #[test]
+    fn every_shipped_config_file_parses_and_resolves() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let file = PolicyFile::load(&path).unwrap();
+                for arch in ["llama", "mistral", "qwen2", "phi3"] {
+                    file.settings_for("models/smollm2-135m-instruct-f32", Some(arch))
+                        .resolve(16, &path.display().to_string())
+                        .unwrap();
+                }
+                seen += 1;
+            }
+        }
+        assert!(seen >= 5, "only {seen} config files");
     }
 
     #[test]
