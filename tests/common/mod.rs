@@ -2,11 +2,13 @@
 //! HTTP/1.1 to it with nothing but std, and stop it.
 #![allow(dead_code)]
 
+pub mod zoo;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -55,7 +57,8 @@ pub fn run_server_expecting_exit(args: &[&str]) -> (i32, String) {
 pub struct Server {
     child: Child,
     pub port: u16,
-    pub log: mpsc::Receiver<String>,
+    /// Behind a mutex so a `&Server` can be shared by client threads.
+    log: Mutex<mpsc::Receiver<String>>,
 }
 
 impl Server {
@@ -93,7 +96,7 @@ impl Server {
             }
         });
         match port_rx.recv_timeout(Duration::from_secs(300)) {
-            Ok(Some(port)) => Server { child, port, log },
+            Ok(Some(port)) => Server { child, port, log: Mutex::new(log) },
             other => {
                 let _ = child.kill();
                 let lines: Vec<String> = log.try_iter().collect();
@@ -103,7 +106,7 @@ impl Server {
     }
 
     pub fn log_lines(&self) -> Vec<String> {
-        self.log.try_iter().collect()
+        self.log.lock().unwrap().try_iter().collect()
     }
 
     /// One HTTP/1.1 request; returns (status, body).
