@@ -81,4 +81,37 @@ fn main() {
         let cells: Vec<String> = best.iter().map(|r| format!("{r:.1} ({:.2}x)", r / best[FULL])).collect();
         println!("| {n_prompt} | {} |", cells.join(" | "));
     }
+    drop(servers);
+    exposure(&common);
+}
+
+/// Effective KV exposure (DESIGN §3) after one long greedy generation, per window, from /metrics.
+fn exposure(common: &[&str]) {
+    const GENERATED: usize = 512;
+    let prompt = prompt_of(2048);
+    println!("\neffective exposure after {GENERATED} generated tokens (12.5% budget, ~2K-token prompt)");
+    println!("| window | exposure | supplement pages per generated token |");
+    println!("|---:|---:|---:|");
+    for window in ["2", "4", "8"] {
+        let args: Vec<&str> = common
+            .iter()
+            .copied()
+            .chain(["--kv-policy", "retro", "--kv-window", window, "--kv-budget-ratio", "0.125", "--kv-budget-min-tokens", "0"])
+            .collect();
+        let server = Server::start(&args);
+        let v = server.post_json(
+            "/v1/completions",
+            &json!({"model": "default", "prompt": prompt, "max_tokens": GENERATED, "temperature": 0.0}),
+        );
+        let generated = v["usage"]["completion_tokens"].as_f64().unwrap();
+        let (_, metrics) = server.request("GET", "/metrics", None);
+        let value = |name: &str| -> f64 {
+            metrics.lines().find(|l| l.starts_with(&format!("{name} "))).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(f64::NAN)
+        };
+        println!(
+            "| {window} | {:.3} | {:.1} |",
+            value("mistralrs_kv_retro_effective_exposure"),
+            value("mistralrs_kv_retro_supplement_pages_total") / generated
+        );
+    }
 }

@@ -10,7 +10,7 @@ use tracing::{debug, info};
 use super::plan::{pages_read, select_pages, PlanInputs};
 use super::summaries::PageSummaries;
 use crate::config::Budget;
-use crate::cpu;
+use crate::cpu::{self, PageSelection};
 
 /// Counters since startup, summed over layers and sequences.
 #[derive(Debug, Default)]
@@ -38,6 +38,53 @@ impl QuestPolicy {
             Some(s) => Ok(s.clone()),
             None => bail!("quest: the KV cache was not allocated through the policy seam"),
         }
+    }
+}
+
+/// One sparse layer's plan: the step's host tables and the newest rows' page selection (every
+/// row's mask bit set).
+pub(crate) struct StepPlan {
+    pub summaries: Arc<PageSummaries>,
+    pub tables: StepTables,
+    pub selection: PageSelection,
+}
+
+impl QuestPolicy {
+    /// Plan a sparse layer's step. A budget that covers a sequence still goes through plan + run
+    /// (select_pages keeps every page), so "budget >= context equals full" tests the sparse path itself.
+    pub(super) fn plan(&self, attn: &DecodeAttention<'_>, layer: usize) -> Result<StepPlan> {
+        super::full::check_supported(attn)?;
+        let summaries = self.summaries()?;
+        let tables = StepTables::read(attn)?;
+        let budget_pages: Vec<usize> =
+            tables.context_lens.iter().map(|&c| self.budget.pages(c, summaries.block_size)).collect();
+        let (rows_total, heads, _) = attn.query.dims3()?;
+        let rows = rows_total / tables.context_lens.len();
+        let queries = attn.query.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let selection = {
+            let bounds = summaries.layer(layer);
+            select_pages(
+                &PlanInputs {
+                    queries: &queries,
+                    rows,
+                    heads,
+                    context_lens: &tables.context_lens,
+                    block_tables: &tables.block_tables,
+                    budget_pages: &budget_pages,
+                },
+                &summaries,
+                &bounds,
+            )
+        };
+        Ok(StepPlan { summaries, tables, selection })
+    }
+
+    /// Count a sparse layer's reads against what full attention would have read.
+    pub(super) fn record_pages(&self, layer: usize, loaded: u64, tables: &StepTables, summaries: &PageSummaries) {
+        let total = tables.context_lens.iter().map(|c| c.div_ceil(summaries.block_size)).sum::<usize>() * summaries.kv_heads;
+        self.stats.pages_loaded.fetch_add(loaded, Ordering::Relaxed);
+        self.stats.pages_total.fetch_add(total as u64, Ordering::Relaxed);
+        debug!("sparse layer {layer}: read {loaded} of {total} (page, kv head) pairs");
     }
 }
 
@@ -94,37 +141,9 @@ impl KvPolicy for QuestPolicy {
         if batch.layer.is_none_or(|l| l < self.dense_layers) {
             return super::full::decode_every_page(attn).map(Some);
         }
-        super::full::check_supported(attn)?;
-        let summaries = self.summaries()?;
-        let tables = StepTables::read(attn)?;
-        let budget_pages: Vec<usize> =
-            tables.context_lens.iter().map(|&c| self.budget.pages(c, summaries.block_size)).collect();
-        // A budget that covers a sequence still goes through plan + run (select_pages keeps every
-        // page), so "budget >= context equals full" tests the sparse path itself.
-        let (rows_total, heads, _) = attn.query.dims3()?;
-        let rows = rows_total / tables.context_lens.len();
-        let queries = attn.query.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let layer = batch.layer.expect("sparse layers have an index");
-        let selection = {
-            let bounds = summaries.layer(layer);
-            select_pages(
-                &PlanInputs {
-                    queries: &queries,
-                    rows,
-                    heads,
-                    context_lens: &tables.context_lens,
-                    block_tables: &tables.block_tables,
-                    budget_pages: &budget_pages,
-                },
-                &summaries,
-                &bounds,
-            )
-        };
-        let loaded = pages_read(&selection) as u64;
-        let total: usize = tables.context_lens.iter().map(|c| c.div_ceil(summaries.block_size)).sum::<usize>() * summaries.kv_heads;
-        self.stats.pages_loaded.fetch_add(loaded, Ordering::Relaxed);
-        self.stats.pages_total.fetch_add(total as u64, Ordering::Relaxed);
-        debug!("quest layer {layer}: {loaded} of {total} (page, kv head) pairs");
+        let StepPlan { summaries, tables, selection } = self.plan(attn, layer)?;
+        self.record_pages(layer, pages_read(&selection) as u64, &tables, &summaries);
         let result = cpu::paged_decode_selected(
             attn.query, attn.key_cache, attn.value_cache, attn.block_tables, attn.context_lens,
             &selection, attn.softmax_scale, attn.softcap,

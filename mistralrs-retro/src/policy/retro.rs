@@ -19,10 +19,9 @@ use candle_core::{DType, Device, Result, Tensor};
 use mistralrs_core::kv_policy::{BatchInfo, CacheAllocation, CacheWrite, DecodeAttention, GatherKv, KvPolicy};
 use tracing::{debug, warn};
 
-use super::full::{check_supported, decode_every_page};
+use super::full::decode_every_page;
 use super::output_cache::{OutputCachePool, SequenceState};
-use super::plan::{select_pages, PlanInputs};
-use super::quest::{QuestPolicy, StepTables};
+use super::quest::{QuestPolicy, StepPlan};
 use super::{Metric, PolicyMetrics};
 use crate::config::Budget;
 use crate::cpu::{self, merge_partial, PageSelection};
@@ -105,30 +104,10 @@ impl RetroPolicy {
 
     /// One sparse layer's attention for a window of `rows` rows per sequence.
     fn decode_window(&self, batch: &BatchInfo<'_>, attn: &DecodeAttention<'_>, layer: usize, rows: usize) -> Result<Tensor> {
-        check_supported(attn)?;
-        let summaries = self.quest.summaries()?;
-        let tables = StepTables::read(attn)?;
+        let StepPlan { summaries, tables, selection: plan } = self.quest.plan(attn, layer)?;
         let (block_size, kv_heads) = (summaries.block_size, summaries.kv_heads);
         let (rows_total, heads, head_dim) = attn.query.dims3()?;
         let batch_len = tables.context_lens.len();
-        let queries = attn.query.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let budget_pages: Vec<usize> =
-            tables.context_lens.iter().map(|&c| self.quest.budget.pages(c, block_size)).collect();
-        let plan = {
-            let bounds = summaries.layer(layer);
-            select_pages(
-                &PlanInputs {
-                    queries: &queries,
-                    rows,
-                    heads,
-                    context_lens: &tables.context_lens,
-                    block_tables: &tables.block_tables,
-                    budget_pages: &budget_pages,
-                },
-                &summaries,
-                &bounds,
-            )
-        };
 
         let mut inner = self.pool.lock();
         let past = rows - 1;
@@ -205,11 +184,7 @@ impl RetroPolicy {
             }
         }
 
-        let loaded = fused.entries.len() as u64;
-        let total = tables.context_lens.iter().map(|c| c.div_ceil(block_size)).sum::<usize>() * kv_heads;
-        self.quest.stats.pages_loaded.fetch_add(loaded, Ordering::Relaxed);
-        self.quest.stats.pages_total.fetch_add(total as u64, Ordering::Relaxed);
-        debug!("retro layer {layer}: {loaded} of {total} (page, kv head) pairs for {rows} rows per sequence");
+        self.quest.record_pages(layer, fused.entries.len() as u64, &tables, &summaries);
 
         let result = cpu::paged_decode_selected(
             attn.query, attn.key_cache, attn.value_cache, attn.block_tables, attn.context_lens,
