@@ -5,3 +5,4 @@ pub mod policy;
 pub mod server;
 pub mod config;
 pub mod metrics;
+pub mod validate;

@@ -19,7 +19,7 @@ use mistralrs_server_core::mistralrs_server_router_builder::MistralRsServerRoute
 use tracing::info;
 
 use crate::config::{PolicyConfig, PolicyFile, PolicySettings};
-use crate::metrics;
+use crate::{metrics, validate};
 use crate::policy::{self, PolicyKind, ServedPolicy};
 
 /// Architectures (config.json `model_type`, GGUF `general.architecture`) whose decode path was
@@ -392,6 +392,9 @@ pub async fn build_engine(
 /// Serve until SIGINT/SIGTERM.
 pub async fn serve(args: ServerArgs) -> Result<()> {
     let (engine, installed) = build_engine(&args).await?;
+    let limits = Arc::new(request_limits(&args, &engine));
+    let http = Arc::new(metrics::HttpMetrics::default());
+    let counted = http.clone();
     let app = MistralRsServerRouterBuilder::new()
         .with_mistralrs(engine)
         .build()
@@ -399,10 +402,24 @@ pub async fn serve(args: ServerArgs) -> Result<()> {
         .route(
             "/metrics",
             axum::routing::get(move || {
-                let text = metrics::render(installed.as_deref(), mistralrs_core::kv_policy::free_kv_blocks());
+                let text = metrics::render(&http, installed.as_deref(), mistralrs_core::kv_policy::free_kv_blocks());
                 async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text) }
             }),
-        );
+        )
+        .layer(axum::middleware::from_fn(move |request: axum::extract::Request, next: axum::middleware::Next| {
+            let limits = limits.clone();
+            async move { check_request(request, next, &limits).await }
+        }))
+        .layer(axum::middleware::from_fn(move |request: axum::extract::Request, next: axum::middleware::Next| {
+            let counted = counted.clone();
+            async move {
+                let path = request.uri().path().to_owned();
+                let start = std::time::Instant::now();
+                let response = next.run(request).await;
+                counted.record(&path, response.status().as_u16(), start.elapsed());
+                response
+            }
+        }));
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
         .with_context(|| format!("cannot bind --host {} --port {}", args.host, args.port))?;
@@ -417,6 +434,43 @@ pub async fn serve(args: ServerArgs) -> Result<()> {
         .await?;
     info!("shut down");
     Ok(())
+}
+
+/// What `validate::check` holds requests against.
+fn request_limits(args: &ServerArgs, engine: &mistralrs_core::MistralRs) -> validate::RequestLimits {
+    let tokenizer = match args.validate().map(|(_, source)| source) {
+        Ok(ModelSource::SafetensorsDir(dir)) => tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).ok(),
+        _ => None,
+    };
+    validate::RequestLimits {
+        model_ids: engine.list_models().unwrap_or_default(),
+        max_sequence_tokens: args.pa_context_len.unwrap_or(DEFAULT_PA_CONTEXT_LEN),
+        tokenizer,
+    }
+}
+
+/// Refuse bad generation requests with a 4xx naming the field (see `validate`); pass the rest on.
+async fn check_request(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+    limits: &validate::RequestLimits,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let path = request.uri().path().to_owned();
+    if request.method() != axum::http::Method::POST || !matches!(path.as_str(), "/v1/chat/completions" | "/v1/completions") {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    let bytes = match axum::body::to_bytes(body, 64 << 20).await {
+        Ok(bytes) => bytes,
+        Err(e) => return (axum::http::StatusCode::PAYLOAD_TOO_LARGE, format!("request body: {e}")).into_response(),
+    };
+    if let Ok(json) = serde_json::from_slice::<serde_json::Value>(&bytes) {
+        if let Err((status, message)) = validate::check(&path, &json, limits) {
+            return (status, axum::Json(serde_json::json!({ "message": message }))).into_response();
+        }
+    }
+    next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await
 }
 
 async fn shutdown_signal() {
