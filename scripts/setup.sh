@@ -8,3 +8,4 @@ command -v python3 >/dev/null || { echo "setup: python3 with pip is required" >&
 "$root/scripts/prepare-upstream.sh"
 "$root/scripts/fetch-smollm2.sh"
 "$root/scripts/fetch-text.sh"
+"$root/scripts/fetch-openai-client.sh"
