@@ -89,11 +89,13 @@ fn abort_mid_stream(port: u16, prompt: &str) {
     // Dropping the stream closes the socket mid-generation.
 }
 
-/// 200 requests, a quarter aborted mid-stream, 8 clients at a time, and an output-cache pool smaller
-/// than the concurrency (some sequences run as quest): afterwards every output-cache block and
-/// every KV block is free again.
+/// 200 requests (`RETRO_ABORT_REQUESTS` for more, e.g. 1000), a quarter aborted mid-stream, 8
+/// clients at a time, and an output-cache pool smaller than the concurrency (some sequences run as
+/// quest): afterwards every output-cache block and every KV block is free again.
 #[test]
 fn pools_are_full_again_after_200_requests_with_aborts() {
+    let requests: usize = std::env::var("RETRO_ABORT_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let per_client = requests.div_ceil(8);
     let server = retro_server(&["--kv-output-cache-blocks", "4", "--max-seqs", "8"]);
     server.greedy_chat("Say hello.", 4);
     let baseline = metric(&server, "mistralrs_kv_blocks_free");
@@ -103,8 +105,8 @@ fn pools_are_full_again_after_200_requests_with_aborts() {
         for client in 0..8 {
             let (server, prompts) = (&server, &prompts);
             scope.spawn(move || {
-                for i in 0..25 {
-                    let n = client * 25 + i;
+                for i in 0..per_client {
+                    let n = client * per_client + i;
                     let prompt = &prompts[n % prompts.len()];
                     if n % 4 == 3 {
                         abort_mid_stream(server.port, prompt);
@@ -186,4 +188,53 @@ fn concurrent_requests_under_full_with_the_prefix_cache_equal_one_at_a_time() {
         let words = |t: &str| t.split_whitespace().take(6).map(str::to_owned).collect::<Vec<_>>();
         assert_eq!(words(s), words(&c), "request {i} with prefix-cache hits: {c:?} vs {s:?}");
     }
+}
+
+/// 64 concurrent streaming chats of mixed lengths under retro (more than --max-seqs, so some wait):
+/// every stream is well formed (each event parses, content arrives, a finish reason, then [DONE]),
+/// and afterwards the output-cache pool and the KV block pool are full again.
+#[test]
+fn sixty_four_concurrent_streams_complete_well_formed() {
+    let server = retro_server(&[]);
+    server.greedy_chat("Say hello.", 4);
+    let baseline = metric(&server, "mistralrs_kv_blocks_free");
+    let prompts = ragged_prompts();
+    std::thread::scope(|scope| {
+        for n in 0..64 {
+            let (server, prompt) = (&server, &prompts[n % prompts.len()]);
+            scope.spawn(move || {
+                let body = serde_json::json!({
+                    "model": "default",
+                    "messages": [{"role": "user", "content": prompt}],
+                    "max_tokens": 8 + n % 17,
+                    "stream": true,
+                });
+                let (status, text) = server.request("POST", "/v1/chat/completions", Some(&body));
+                assert_eq!(status, 200, "stream {n}: {text}");
+                let events = common::sse_events(&text);
+                assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "stream {n} does not end with [DONE]: {text}");
+                let chunks: Vec<serde_json::Value> = events[..events.len() - 1]
+                    .iter()
+                    .map(|e| serde_json::from_str(e).unwrap_or_else(|err| panic!("stream {n}: bad event {e:?}: {err}")))
+                    .collect();
+                let content: String =
+                    chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+                assert!(!content.is_empty(), "stream {n} carried no content: {text}");
+                assert!(
+                    chunks.iter().any(|c| c["choices"][0]["finish_reason"].is_string()),
+                    "stream {n} has no finish_reason: {text}"
+                );
+            });
+        }
+    });
+    let mut free = 0.0;
+    for _ in 0..50 {
+        free = metric(&server, "mistralrs_kv_blocks_free");
+        if free == baseline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(free, baseline, "KV blocks leaked");
+    assert_eq!(metric(&server, "mistralrs_kv_retro_output_cache_blocks_in_use"), 0.0);
 }
