@@ -582,3 +582,36 @@ fn bench_selected_decode() {
         }
     }
 }
+
+/// Fuzzing: random shapes (block size, GQA ratio, window rows, ragged lengths including empty and
+/// one-token contexts, random page lists and row masks, softcap) through the kernel, the reference
+/// and the dense f64 attention. `PROPTEST_CASES` sets the count: CI runs the default 512; the full
+/// run is `PROPTEST_CASES=100000 cargo test --release -p mistralrs-retro --lib fuzz_`.
+mod fuzz {
+    use super::*;
+    use super::super::test_support::Rng;
+    use proptest::prelude::*;
+
+    fn cases() -> u32 {
+        std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(512)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: cases(), failure_persistence: None, ..ProptestConfig::default() })]
+        #[test]
+        fn fuzz_selected_decode_matches_reference_and_dense(
+            seed in any::<u64>(),
+            half in any::<bool>(),
+            block_size in prop::sample::select(vec![8usize, 16, 32]),
+            kv_heads in 1usize..4,
+            group in 1usize..5,
+            rows in 1usize..9,
+            lens in prop::collection::vec(0usize..150, 1..5),
+            softcap in prop::option::of(5.0f32..50.0),
+        ) {
+            let (dtype, tol) = if half { (DType::BF16, 2e-2) } else { (DType::F32, 1e-5) };
+            let case = Case { dtype, block_size, heads: kv_heads * group, kv_heads, rows, softcap };
+            check_case(&mut Rng::new(seed), &case, &lens, tol);
+        }
+    }
+}
