@@ -87,6 +87,10 @@ impl KvPolicy for FullPolicy {
         decode_every_page(attn).map(Some)
     }
 
+    fn sequence_preempted(&self, _seq_id: usize) {
+        super::count_preemption();
+    }
+
     fn gather_kv(&self, _batch: &BatchInfo<'_>, gather: &GatherKv<'_>) -> Result<Option<(Tensor, Tensor)>> {
         if !gather.key_cache.device().is_cpu() {
             return Ok(None);

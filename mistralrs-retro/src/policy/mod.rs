@@ -91,6 +91,19 @@ impl Metric {
     }
 }
 
+static PREEMPTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Called by every policy's `sequence_preempted`: the scheduler gave a sequence's KV blocks back
+/// and will prefill it again.
+pub(crate) fn count_preemption() {
+    PREEMPTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Preemptions since startup.
+pub fn preemptions() -> u64 {
+    PREEMPTIONS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The numbers a policy exposes while it serves.
 pub trait PolicyMetrics {
     fn metrics(&self) -> Vec<Metric>;

@@ -151,6 +151,10 @@ impl KvPolicy for QuestPolicy {
         Ok(Some(result.out))
     }
 
+    fn sequence_preempted(&self, _seq_id: usize) {
+        super::count_preemption();
+    }
+
     fn gather_kv(&self, _batch: &BatchInfo<'_>, gather: &GatherKv<'_>) -> Result<Option<(Tensor, Tensor)>> {
         cpu::gather_kv(gather.key_cache, gather.value_cache, gather.block_tables, gather.cu_seqlens_kv, gather.out_dtype)
             .map(Some)

@@ -324,6 +324,10 @@ impl KvPolicy for RetroPolicy {
         self.quest.gather_kv(batch, gather)
     }
 
+    fn sequence_preempted(&self, _seq_id: usize) {
+        super::count_preemption();
+    }
+
     fn sequence_freed(&self, seq_id: usize) {
         let mut inner = self.pool.lock();
         if let Some(state) = self.pool.release(&mut inner, seq_id) {
