@@ -3,11 +3,10 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
-use std::time::Duration;
 
-use common::{smollm2_dir, Server};
+use common::{http_request_raw, smollm2_dir, Server};
 use serde_json::{json, Value};
 
 #[test]
@@ -38,7 +37,7 @@ fn bad_requests_get_a_4xx_naming_the_problem_and_the_server_keeps_serving() {
         ("over-long prompt", "/v1/completions", json!({"prompt": "word ".repeat(5000), "max_tokens": 4}).to_string(), "2048"),
     ];
     for (what, path, body, needle) in &cases {
-        let (status, text) = raw_post(server.port, path, body);
+        let (status, text) = http_request_raw(server.port, "POST", path, body);
         assert!((400..500).contains(&status), "{what}: status {status}: {text}");
         assert!(text.contains(needle), "{what}: the message does not name `{needle}`: {text}");
     }
@@ -55,18 +54,4 @@ fn bad_requests_get_a_4xx_naming_the_problem_and_the_server_keeps_serving() {
     assert!(!log.contains("panicked"), "{log}");
     let (_, metrics) = server.request("GET", "/metrics", None);
     assert!(metrics.contains("mistralrs_http_requests_total{path=\"/v1/chat/completions\",status=\"400\"}"), "{metrics}");
-}
-
-fn raw_post(port: u16, path: &str, body: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let status = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (status, raw)
 }

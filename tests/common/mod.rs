@@ -170,9 +170,13 @@ extern "C" {
 }
 
 pub fn http_request(port: u16, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
+    http_request_raw(port, method, path, &body.map(|b| b.to_string()).unwrap_or_default())
+}
+
+/// One HTTP/1.1 request with `payload` sent as is (it need not be valid JSON); returns (status, body).
+pub fn http_request_raw(port: u16, method: &str, path: &str, payload: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     stream.set_read_timeout(Some(Duration::from_secs(600))).unwrap();
-    let payload = body.map(|b| b.to_string()).unwrap_or_default();
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
         payload.len()
