@@ -81,7 +81,7 @@ pub fn render(http: &HttpMetrics, policy: Option<&dyn ServedPolicy>, free_kv_blo
     let mut family = |name: &str, help: &str, kind: &str, value: f64| {
         let _ = writeln!(text, "# HELP mistralrs_kv_{name} {help}\n# TYPE mistralrs_kv_{name} {kind}\nmistralrs_kv_{name} {value}");
     };
-    family("preemptions_total", "Sequences the scheduler preempted (KV blocks freed, prompt computed again)", "counter", crate::policy::preemptions() as f64);
+    family("preemptions_total", "Prefilled sequences the scheduler preempted (KV blocks freed, to be computed again)", "counter", crate::policy::preemptions() as f64);
     if let Some(free) = free_kv_blocks {
         family("blocks_free", "Free blocks in the paged KV pool (prefix-cache entries count as free)", "gauge", free as f64);
     }

@@ -68,7 +68,8 @@ impl KvPolicy for FullPolicy {
         Ok(())
     }
 
-    fn write_kv(&self, _batch: &BatchInfo<'_>, write: &CacheWrite<'_>) -> Result<bool> {
+    fn write_kv(&self, batch: &BatchInfo<'_>, write: &CacheWrite<'_>) -> Result<bool> {
+        super::note_write(batch);
         if !write.key_cache.device().is_cpu() {
             return Ok(false);
         }
@@ -87,8 +88,12 @@ impl KvPolicy for FullPolicy {
         decode_every_page(attn).map(Some)
     }
 
-    fn sequence_preempted(&self, _seq_id: usize) {
-        super::count_preemption();
+    fn sequence_freed(&self, seq_id: usize) {
+        super::note_freed(seq_id);
+    }
+
+    fn sequence_preempted(&self, seq_id: usize) {
+        super::note_preempted(seq_id);
     }
 
     fn gather_kv(&self, _batch: &BatchInfo<'_>, gather: &GatherKv<'_>) -> Result<Option<(Tensor, Tensor)>> {

@@ -91,17 +91,37 @@ impl Metric {
     }
 }
 
-static PREEMPTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// Called by every policy's `sequence_preempted`: the scheduler gave a sequence's KV blocks back
-/// and will prefill it again.
-pub(crate) fn count_preemption() {
-    PREEMPTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+/// Preemptions that threw computed work away: sequences the scheduler preempted after their
+/// prefill. (Upstream's prompt bucketing also "preempts" prompts it defers before computing them;
+/// those cost nothing and are not counted.) Every policy reports its lifecycle hooks here.
+#[derive(Default)]
+struct Preemptions {
+    prefilled: std::sync::Mutex<std::collections::HashSet<usize>>,
+    count: std::sync::atomic::AtomicU64,
 }
 
-/// Preemptions since startup.
+static PREEMPTIONS: std::sync::LazyLock<Preemptions> = std::sync::LazyLock::new(Preemptions::default);
+
+/// From `write_kv`: a prompt step's sequences now hold computed K/V.
+pub(crate) fn note_write(batch: &mistralrs_core::kv_policy::BatchInfo<'_>) {
+    if batch.is_prompt && batch.layer == Some(0) {
+        PREEMPTIONS.prefilled.lock().expect("lock poisoned").extend(batch.seq_ids.iter().copied());
+    }
+}
+
+pub(crate) fn note_preempted(seq_id: usize) {
+    if PREEMPTIONS.prefilled.lock().expect("lock poisoned").remove(&seq_id) {
+        PREEMPTIONS.count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+pub(crate) fn note_freed(seq_id: usize) {
+    PREEMPTIONS.prefilled.lock().expect("lock poisoned").remove(&seq_id);
+}
+
+/// Preemptions of prefilled sequences since startup.
 pub fn preemptions() -> u64 {
-    PREEMPTIONS.load(std::sync::atomic::Ordering::Relaxed)
+    PREEMPTIONS.count.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// The numbers a policy exposes while it serves.

@@ -130,6 +130,7 @@ impl KvPolicy for QuestPolicy {
     }
 
     fn write_kv(&self, batch: &BatchInfo<'_>, write: &CacheWrite<'_>) -> Result<bool> {
+        super::note_write(batch);
         cpu::write_kv(write.key, write.value, write.key_cache, write.value_cache, write.slot_mapping)?;
         if let Some(layer) = batch.layer {
             self.summaries()?.refresh_written(layer, write.key_cache, write.slot_mapping)?;
@@ -151,8 +152,12 @@ impl KvPolicy for QuestPolicy {
         Ok(Some(result.out))
     }
 
-    fn sequence_preempted(&self, _seq_id: usize) {
-        super::count_preemption();
+    fn sequence_freed(&self, seq_id: usize) {
+        super::note_freed(seq_id);
+    }
+
+    fn sequence_preempted(&self, seq_id: usize) {
+        super::note_preempted(seq_id);
     }
 
     fn gather_kv(&self, _batch: &BatchInfo<'_>, gather: &GatherKv<'_>) -> Result<Option<(Tensor, Tensor)>> {

@@ -324,11 +324,12 @@ impl KvPolicy for RetroPolicy {
         self.quest.gather_kv(batch, gather)
     }
 
-    fn sequence_preempted(&self, _seq_id: usize) {
-        super::count_preemption();
+    fn sequence_preempted(&self, seq_id: usize) {
+        super::note_preempted(seq_id);
     }
 
     fn sequence_freed(&self, seq_id: usize) {
+        super::note_freed(seq_id);
         let mut inner = self.pool.lock();
         if let Some(state) = self.pool.release(&mut inner, seq_id) {
             let n = state.numbers;
