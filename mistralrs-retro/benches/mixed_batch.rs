@@ -5,13 +5,15 @@
 //!
 //! `cargo bench -p mistralrs-retro --bench mixed_batch` (after scripts/setup.sh). Aggregate tok/s is
 //! generated tokens over the wall time from the first request sent to the last answer (prefill
-//! included); preemptions come from `/metrics` (none for the eager path, whose scheduler does not
-//! report them).
+//! included), or over the deadline (5 minutes) when a configuration has not finished by then;
+//! preemptions (of prefilled sequences) come from `/metrics` (none for the eager path, whose
+//! scheduler does not report them).
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
 
-use std::time::Instant;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use common::{smollm2_dir, Server};
 use serde_json::json;
@@ -36,26 +38,37 @@ fn preemptions(server: &Server) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// (generated tokens per second over the wall time, preemptions during the run)
-fn run(server: &Server, prompts: &[String]) -> (f64, f64) {
+/// Give up on a configuration after this long (upstream's bucketing can take many minutes).
+const DEADLINE: Duration = Duration::from_secs(300);
+
+/// (generated tokens per second over the wall time, preemptions during the run, whether every
+/// request finished before the deadline)
+fn run(server: &Server, prompts: &[String]) -> (f64, f64, bool) {
     let before = preemptions(server);
     let start = Instant::now();
-    let tokens: u64 = std::thread::scope(|scope| {
-        let handles: Vec<_> = prompts
-            .iter()
-            .map(|p| {
-                scope.spawn(move || {
-                    let v = server.post_json(
-                        "/v1/completions",
-                        &json!({"model": "default", "prompt": p, "max_tokens": NEW_TOKENS, "temperature": 0.0}),
-                    );
-                    v["usage"]["completion_tokens"].as_u64().unwrap()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).sum()
-    });
-    (tokens as f64 / start.elapsed().as_secs_f64(), preemptions(server) - before)
+    let (tx, rx) = mpsc::channel();
+    for p in prompts {
+        let (tx, port, body) = (tx.clone(), server.port, json!({"model": "default", "prompt": p, "max_tokens": NEW_TOKENS, "temperature": 0.0}));
+        // Detached: a request still running at the deadline is abandoned with its server.
+        std::thread::spawn(move || {
+            let (status, text) = common::http_request(port, "POST", "/v1/completions", Some(&body));
+            let tokens = serde_json::from_str::<serde_json::Value>(&text).ok().filter(|_| status == 200).and_then(|v| v["usage"]["completion_tokens"].as_u64());
+            let _ = tx.send(tokens.unwrap_or(0));
+        });
+    }
+    let mut tokens = 0;
+    let mut done = 0;
+    while done < prompts.len() {
+        match rx.recv_timeout(DEADLINE.saturating_sub(start.elapsed())) {
+            Ok(n) => {
+                tokens += n;
+                done += 1;
+            }
+            Err(_) => break,
+        }
+    }
+    let rate = tokens as f64 / start.elapsed().as_secs_f64();
+    (rate, preemptions(server) - before, done == prompts.len())
 }
 
 fn main() {
@@ -83,11 +96,12 @@ fn main() {
             // One server at a time: each may use both cores.
             let server = Server::start(&with(extra));
             server.greedy_completion("Warm up.", 4);
-            let (rate, preempted) = run(&server, &prompts);
+            let (rate, preempted, finished) = run(&server, &prompts);
             if i == 0 {
                 base = rate;
             }
-            cells.push(format!("{rate:.1} ({preempted}) {:.2}x", rate / base));
+            let cut = if finished { "" } else { ", cut at the deadline" };
+            cells.push(format!("{rate:.1} ({preempted}{cut}) {:.2}x", rate / base));
         }
         println!("| {n} | {} |", cells.join(" | "));
     }
