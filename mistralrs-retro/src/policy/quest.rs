@@ -129,6 +129,11 @@ impl KvPolicy for QuestPolicy {
         Ok(())
     }
 
+    /// The sparse kernel takes per-sequence context lengths: no length buckets (patch 0004).
+    fn ragged_decode(&self) -> bool {
+        true
+    }
+
     fn write_kv(&self, batch: &BatchInfo<'_>, write: &CacheWrite<'_>) -> Result<bool> {
         super::note_write(batch);
         cpu::write_kv(write.key, write.value, write.key_cache, write.value_cache, write.slot_mapping)?;
