@@ -46,15 +46,86 @@ fn time<F: FnMut() -> Result<()>>(dev: &Device, iters: usize, mut f: F) -> Resul
     Ok(samples[samples.len() / 2])
 }
 
-/// Device-to-device copy bandwidth (bytes read + written per second) of a 4 GiB buffer.
+/// Device-to-device copy bandwidth (bytes read + written per second) of a 4 GiB buffer, with the
+/// driver's memcpy (the HBM roofline the kernels are compared against).
 fn copy_bandwidth(dev: &Device) -> Result<f64> {
+    let Device::Cuda(cuda) = dev else { anyhow::bail!("not a CUDA device") };
     let n = 1usize << 30; // f32 elements
-    let src = Tensor::zeros(n, DType::F32, dev)?;
+    let src = cuda.alloc_zeros::<f32>(n)?;
+    let mut dst = cuda.alloc_zeros::<f32>(n)?;
+    let stream = cuda.cuda_stream();
     let secs = time(dev, 10, || {
-        let _ = src.copy()?;
+        stream.memcpy_dtod(&src, &mut dst)?;
         Ok(())
     })?;
     Ok(2.0 * (n * 4) as f64 / secs)
+}
+
+/// Target CUDA blocks and least pages per split of the sparse decode (see `DecodePlan::new`).
+const DEFAULT_SPLIT: (usize, usize) = (132 * 4, 4);
+
+/// Time quest and retro w=2 at 32K context, batch 8, budget 2048 under several work partitions.
+fn split_sweep(dev: &Device, scale: f32) -> Result<()> {
+    let (ctx, batch, budget) = (32768usize, 8usize, 2048usize);
+    let x = 16 / DType::BF16.size_in_bytes();
+    let pages = ctx / BLOCK;
+    let blocks = batch * pages;
+    let key_cache = Tensor::randn(0f32, 1.0, (blocks, KV_HEADS, HEAD_DIM / x, BLOCK, x), dev)?.to_dtype(DType::BF16)?;
+    let value_cache = Tensor::randn(0f32, 1.0, (blocks, KV_HEADS, HEAD_DIM, BLOCK), dev)?.to_dtype(DType::BF16)?;
+    let bounds = Tensor::zeros((blocks, KV_HEADS, 2, HEAD_DIM), DType::F32, dev)?;
+    let slots: Vec<i64> = (0..blocks as i64).map(|b| b * BLOCK as i64).collect();
+    gpu::refresh_page_bounds(&key_cache, &Tensor::new(slots.as_slice(), dev)?, &bounds)?;
+    let tables: Vec<u32> = (0..blocks as u32).collect();
+    let block_tables = Tensor::from_vec(tables, (batch, pages), dev)?;
+    let ctx_host = vec![ctx as u32; batch];
+    let budget_pages = vec![(budget / BLOCK) as u32; batch];
+    println!("\nwork partition sweep, 32K context, batch 8, budget 2048 (ms per layer step)");
+    println!("| target blocks | min pages/split | splits | quest | retro w=2 |");
+    println!("|---|---|---|---|---|");
+    for target in [132, 528, 1056, 2112, 4224] {
+        for min_pages in [1, 2, 4] {
+            let mut cells = Vec::new();
+            let mut splits = 0;
+            for w in [1usize, 2] {
+                let query = Tensor::randn(0f32, 1.0, (batch * w, HEADS, HEAD_DIM), dev)?.to_dtype(DType::BF16)?;
+                let plan = DevicePlan::upload(DecodePlan::new(&ctx_host, &budget_pages, w, KV_HEADS, BLOCK, target, min_pages), dev)?;
+                splits = plan.plan.splits;
+                let ms = 1e3
+                    * time(dev, 20, || {
+                        let sel = gpu::select_pages(&plan, &query, &bounds, &block_tables)?;
+                        gpu::selected_decode(&plan, &query, &key_cache, &value_cache, &block_tables, &sel, scale, None)?;
+                        Ok(())
+                    })?;
+                cells.push(format!("{ms:.3}"));
+            }
+            println!("| {target} | {min_pages} | {splits} | {} |", cells.join(" | "));
+        }
+    }
+    // Where a step's time goes (default partition): the plan kernels alone, the decode alone over
+    // a ready selection, and an empty step (allocations and launches on zero-length contexts).
+    println!("\nbreakdown at 32K context, batch 8, budget 2048 (ms per layer step)");
+    println!("| policy | select (score + top-k) | decode + combine | select + decode |");
+    println!("|---|---|---|---|");
+    for w in [1usize, 2, 4] {
+        let query = Tensor::randn(0f32, 1.0, (batch * w, HEADS, HEAD_DIM), dev)?.to_dtype(DType::BF16)?;
+        let plan = DevicePlan::upload(DecodePlan::new(&ctx_host, &budget_pages, w, KV_HEADS, BLOCK, DEFAULT_SPLIT.0, DEFAULT_SPLIT.1), dev)?;
+        let select_ms = 1e3 * time(dev, 20, || Ok(gpu::select_pages(&plan, &query, &bounds, &block_tables).map(|_| ())?))?;
+        let sel = gpu::select_pages(&plan, &query, &bounds, &block_tables)?;
+        let decode_ms = 1e3
+            * time(dev, 20, || {
+                gpu::selected_decode(&plan, &query, &key_cache, &value_cache, &block_tables, &sel, scale, None)?;
+                Ok(())
+            })?;
+        let both_ms = 1e3
+            * time(dev, 20, || {
+                let sel = gpu::select_pages(&plan, &query, &bounds, &block_tables)?;
+                gpu::selected_decode(&plan, &query, &key_cache, &value_cache, &block_tables, &sel, scale, None)?;
+                Ok(())
+            })?;
+        let name = if w == 1 { "quest".to_string() } else { format!("retro w={w}") };
+        println!("| {name} | {select_ms:.3} | {decode_ms:.3} | {both_ms:.3} |");
+    }
+    Ok(())
 }
 
 struct Record {
@@ -88,10 +159,28 @@ fn main() -> Result<()> {
     let kv_token_bytes = (KV_HEADS * HEAD_DIM * 2 * 2) as f64; // K and V, bf16
     let bound_page_bytes = (KV_HEADS * 2 * HEAD_DIM * 4) as f64; // f32 min and max
 
+    // Work partition (target CUDA blocks, min pages per split): RETRO_SPLIT="blocks,pages" overrides.
+    let split: (usize, usize) = std::env::var("RETRO_SPLIT")
+        .ok()
+        .and_then(|v| {
+            let (a, b) = v.split_once(',')?;
+            Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+        })
+        .unwrap_or(DEFAULT_SPLIT);
+    if !quick {
+        split_sweep(&dev, scale)?;
+    }
+    println!("\nsplit: target {} blocks, at least {} pages per split", split.0, split.1);
     println!("| context | batch | policy | budget | window | ms | bytes/step (MB) | GB/s | % of copy | x full |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for &ctx in contexts {
-        let max_batch = *batches.iter().max().unwrap();
+        // candle's element-wise CUDA kernels (used here to fill the caches) index with 32 bits:
+        // a cache of 2^31 elements or more cannot be made, so such batches are skipped (reported).
+        let fits = |batch: usize| batch * ctx * KV_HEADS * HEAD_DIM < (1usize << 31);
+        let max_batch = batches.iter().copied().filter(|&b| fits(b)).max().unwrap_or(1);
+        for &batch in batches.iter().filter(|&&b| !fits(b)) {
+            println!("| {ctx} | {batch} | (skipped: a {:.0} GB cache is beyond candle's 32-bit element indexing) | | | | | | | |", (batch * ctx) as f64 * kv_token_bytes / 1e9);
+        }
         let pages = ctx / BLOCK;
         let num_blocks = max_batch * pages;
         // Random caches for the largest batch; smaller batches use the first sequences.
@@ -102,7 +191,7 @@ fn main() -> Result<()> {
         let slots: Vec<i64> = (0..num_blocks as i64).map(|b| b * BLOCK as i64).collect();
         gpu::refresh_page_bounds(&key_cache, &Tensor::new(slots.as_slice(), &dev)?, &bounds)?;
         sync(&dev)?;
-        for &batch in batches {
+        for &batch in batches.iter().filter(|&&b| fits(b)) {
             let tables: Vec<u32> = (0..(batch * pages) as u32).collect();
             let block_tables = Tensor::from_vec(tables, (batch, pages), &dev)?;
             let ctx_host = vec![ctx as u32; batch];
@@ -129,7 +218,7 @@ fn main() -> Result<()> {
             report("full".into(), None, 1, full_ms, full_bytes);
 
             // Our kernel reading every page (same bytes as full): the sparse kernel's dense speed.
-            let all = DevicePlan::upload(DecodePlan::new(&ctx_host, &vec![pages as u32; batch], 1, KV_HEADS, BLOCK, 132 * 4, 4), &dev)?;
+            let all = DevicePlan::upload(DecodePlan::new(&ctx_host, &vec![pages as u32; batch], 1, KV_HEADS, BLOCK, split.0, split.1), &dev)?;
             let ms = 1e3
                 * time(&dev, iters, || {
                     let sel = gpu::select_pages(&all, &query, &bounds, &block_tables)?;
@@ -141,7 +230,7 @@ fn main() -> Result<()> {
             for &budget in budgets {
                 let budget_pages = vec![(budget / BLOCK) as u32; batch];
                 let sparse_bytes = batch as f64 * (budget.min(ctx) as f64 * kv_token_bytes + pages as f64 * bound_page_bytes);
-                let plan = DevicePlan::upload(DecodePlan::new(&ctx_host, &budget_pages, 1, KV_HEADS, BLOCK, 132 * 4, 4), &dev)?;
+                let plan = DevicePlan::upload(DecodePlan::new(&ctx_host, &budget_pages, 1, KV_HEADS, BLOCK, split.0, split.1), &dev)?;
                 let ms = 1e3
                     * time(&dev, iters, || {
                         let sel = gpu::select_pages(&plan, &query, &bounds, &block_tables)?;
@@ -151,7 +240,7 @@ fn main() -> Result<()> {
                 report("quest".into(), Some(budget), 1, ms, sparse_bytes);
                 for &w in windows {
                     let rows_query = Tensor::randn(0f32, 1.0, (batch * w, HEADS, HEAD_DIM), &dev)?.to_dtype(DType::BF16)?;
-                    let plan = DevicePlan::upload(DecodePlan::new(&ctx_host, &budget_pages, w, KV_HEADS, BLOCK, 132 * 4, 4), &dev)?;
+                    let plan = DevicePlan::upload(DecodePlan::new(&ctx_host, &budget_pages, w, KV_HEADS, BLOCK, split.0, split.1), &dev)?;
                     let ms = 1e3
                         * time(&dev, iters, || {
                             // Masks omitted = every row uses every page: retro's worst case.
@@ -166,7 +255,7 @@ fn main() -> Result<()> {
             if !quick {
                 let w = 4;
                 let budget_pages = vec![(2048 / BLOCK) as u32; batch];
-                let plan = DevicePlan::upload(DecodePlan::new(&ctx_host, &budget_pages, w, KV_HEADS, BLOCK, 132 * 4, 4), &dev)?;
+                let plan = DevicePlan::upload(DecodePlan::new(&ctx_host, &budget_pages, w, KV_HEADS, BLOCK, split.0, split.1), &dev)?;
                 let rows_query = Tensor::randn(0f32, 1.0, (batch * w, HEADS, HEAD_DIM), &dev)?.to_dtype(DType::BF16)?;
                 let words = pages.div_ceil(32);
                 let seen = Tensor::zeros((batch, w - 1, KV_HEADS, words), DType::U32, &dev)?;
