@@ -20,9 +20,21 @@ fn main() {
         Err(_) => "nvcc".to_string(),
     });
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".to_string());
+    // nvcc takes minutes for the decode module: rebuild only cubins older than their sources, unless
+    // the compiler or the architecture changed (recorded in a stamp beside the cubins).
+    let stamp = out.join("cubins.stamp");
+    let flags = format!("{nvcc} sm_{cap}");
+    let same_flags = std::fs::read_to_string(&stamp).is_ok_and(|s| s == flags);
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let header = modified(std::path::Path::new("cuda/common.cuh"));
     for module in MODULES {
         let src = format!("cuda/{module}.cu");
         let dst = out.join(format!("{module}.cubin"));
+        if let (true, Some(built), Some(source)) = (same_flags, modified(&dst), modified(std::path::Path::new(&src))) {
+            if built > source && header.is_some_and(|h| built > h) {
+                continue;
+            }
+        }
         let status = Command::new(&nvcc)
             .args(["-cubin", &format!("-arch=sm_{cap}"), "-O3", "-std=c++17", "-lineinfo", "-o"])
             .arg(&dst)
@@ -31,4 +43,5 @@ fn main() {
             .unwrap_or_else(|e| panic!("retro-kernels: cannot run nvcc ({nvcc}): {e}; see ../shared/GPU.md"));
         assert!(status.success(), "retro-kernels: nvcc failed on {src}");
     }
+    std::fs::write(&stamp, flags).expect("write cubins.stamp");
 }

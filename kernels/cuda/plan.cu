@@ -125,17 +125,32 @@ __device__ void select_top_pages(const float* __restrict__ scores, int max_pages
       if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 255u], 1u);
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
+    // The digit holding the want-th largest key: warp 0, lane l owns digits 255 - 8l down to
+    // 248 - 8l; a prefix sum over lanes finds the one chunk where the count from the top crosses.
+    if (threadIdx.x < 32) {
+      const int lane = threadIdx.x;
       const int want = s_want;
-      int above = 0;
-      for (int d = 255; d >= 0; --d) {
-        if (above + (int)hist[d] >= want) {
-          s_prefix = prefix | ((uint32_t)d << shift);
-          s_mask = mask | (255u << shift);
-          s_want = want - above;
-          break;
+      int chunk = 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) chunk += hist[255 - 8 * lane - j];
+      int incl = chunk;
+#pragma unroll
+      for (int off = 1; off < 32; off *= 2) {
+        const int n = __shfl_up_sync(0xffffffffu, incl, off);
+        if (lane >= off) incl += n;
+      }
+      int above = incl - chunk;
+      if (above < want && incl >= want) {
+        for (int j = 0; j < 8; ++j) {
+          const int d = 255 - 8 * lane - j;
+          if (above + (int)hist[d] >= want) {
+            s_prefix = prefix | ((uint32_t)d << shift);
+            s_mask = mask | (255u << shift);
+            s_want = want - above;
+            break;
+          }
+          above += hist[d];
         }
-        above += hist[d];
       }
     }
     __syncthreads();
