@@ -112,7 +112,15 @@ fn exposure(common: &[&str]) {
             &json!({"model": "default", "prompt": prompt, "max_tokens": GENERATED, "temperature": 0.0}),
         );
         let generated = v["usage"]["completion_tokens"].as_f64().unwrap();
-        let (_, metrics) = server.request("GET", "/metrics", None);
+        // The engine frees a sequence (and files its numbers) just after the response: poll.
+        let mut metrics = String::new();
+        for _ in 0..50 {
+            metrics = server.request("GET", "/metrics", None).1;
+            if !metrics.contains("mistralrs_kv_retro_effective_exposure 0\n") {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
         let value = |name: &str| -> f64 {
             metrics.lines().find(|l| l.starts_with(&format!("{name} "))).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(f64::NAN)
         };
