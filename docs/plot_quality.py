@@ -32,7 +32,7 @@ def smooth(values, width):
 
 
 fig, ax = plt.subplots(figsize=(9, 5))
-styles = {"full": ("black", "-"), "quest": ("tab:red", "-")}
+styles = {"full": ("black", "-"), "quest": ("tab:red", "-"), "quest-oracle-kv": ("tab:red", ":")}
 colors = {2: "tab:blue", 4: "tab:green", 8: "tab:purple", 16: "tab:orange"}
 for s in data["series"]:
     kl = s["kl"]

@@ -17,6 +17,7 @@
 
 pub mod forcing;
 pub mod longgen;
+pub mod oracle;
 pub mod switch;
 
 use std::collections::BTreeMap;
@@ -84,6 +85,10 @@ pub struct EvalArgs {
     /// Skip teacher forcing.
     #[arg(long)]
     pub no_forced: bool,
+    /// Diagnostic: also run quest with every decoded token's K/V replaced by full's (`oracle`),
+    /// splitting quest's KL into selection (what is left) and drift (the rest). Teacher forcing only.
+    #[arg(long)]
+    pub drift_split: bool,
     /// Page (block) size in tokens.
     #[arg(long, default_value_t = 16)]
     pub page_size: usize,
@@ -135,6 +140,8 @@ pub struct QualityRecord {
 enum Kind {
     Full,
     Quest,
+    /// Quest with full's K/V for decoded tokens (`--drift-split`).
+    QuestOracle,
     Retro(usize),
 }
 
@@ -143,6 +150,7 @@ impl Kind {
         match self {
             Kind::Full => "full",
             Kind::Quest => "quest",
+            Kind::QuestOracle => "quest-oracle-kv",
             Kind::Retro(_) => "retro",
         }
     }
@@ -168,13 +176,24 @@ pub(crate) struct PhasePolicy {
 }
 
 impl PhasePolicy {
-    fn new(kind: Kind, budgets: usize, dense_layers: usize) -> Self {
+    fn new(kind: Kind, budgets: usize, dense_layers: usize, oracle: Option<&Arc<oracle::KvStore>>) -> Self {
         let default = Budget::Ratio { ratio: 1.0, min_tokens: 0 };
         match kind {
-            Kind::Full => Self { served: Arc::new(crate::policy::FullPolicy::new()), quest: None, retro: None },
-            Kind::Quest => {
+            Kind::Full => {
+                let full: Arc<dyn ServedPolicy> = Arc::new(crate::policy::FullPolicy::new());
+                let served: Arc<dyn ServedPolicy> = match oracle {
+                    Some(store) => Arc::new(oracle::OracleKv::new(full, store.clone(), oracle::Mode::Record)),
+                    None => full,
+                };
+                Self { served, quest: None, retro: None }
+            }
+            Kind::Quest | Kind::QuestOracle => {
                 let q = Arc::new(QuestPolicy::new(default, dense_layers));
-                Self { served: q.clone(), quest: Some(q), retro: None }
+                let served: Arc<dyn ServedPolicy> = match (kind, oracle) {
+                    (Kind::QuestOracle, Some(store)) => Arc::new(oracle::OracleKv::new(q.clone(), store.clone(), oracle::Mode::Replace)),
+                    _ => q.clone(),
+                };
+                Self { served, quest: Some(q), retro: None }
             }
             Kind::Retro(w) => {
                 let r = Arc::new(RetroPolicy::new(default, dense_layers, w, budgets.max(1)));
@@ -328,11 +347,11 @@ async fn finish(mut rx: tokio::sync::mpsc::Receiver<Response>) -> Result<()> {
     }
 }
 
-/// Submit one request per processor, in order, then wait for all.
-async fn run_batch(engine: &MistralRs, prompt: &[u32], max_len: usize, processors: Vec<Arc<dyn CustomLogitsProcessor>>) -> Result<()> {
+/// Submit one request per (prompt, max_len, processor), in order, then wait for all.
+async fn run_batch(engine: &MistralRs, jobs: Vec<(Vec<u32>, usize, Arc<dyn CustomLogitsProcessor>)>) -> Result<()> {
     let mut pending = Vec::new();
-    for p in processors {
-        pending.push(submit(engine, prompt.to_vec(), max_len, p).await?);
+    for (prompt, max_len, p) in jobs {
+        pending.push(submit(engine, prompt, max_len, p).await?);
     }
     for rx in pending {
         finish(rx).await?;
@@ -404,6 +423,10 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
     if setup.check_retro_w1 && setup.windows.contains(&1) {
         kinds.push(Kind::Retro(1));
     }
+    if args.drift_split && !args.no_forced {
+        kinds.push(Kind::QuestOracle);
+    }
+    let oracle_store = args.drift_split.then(|| Arc::new(oracle::KvStore::default()));
     let nb = setup.budgets.len();
     let max_window = setup.windows.iter().copied().max().unwrap_or(1);
 
@@ -414,13 +437,17 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
         .get_ids()
         .to_vec();
     let gen_prompt_tokens = gen_prompt.len();
-    let per_seq = (forced_len + max_window).max(gen_prompt_tokens + setup.gen_tokens + max_window) + 2 * args.page_size;
-    let context = (nb * per_seq).div_ceil(1024) * 1024 + 1024;
+    if gen_prompt_tokens == prompt.len() {
+        bail!("the forced and the free-generation prompts have the same length ({gen_prompt_tokens} tokens); the harness tells them apart by length: change --prompt-tokens");
+    }
+    // KV cache: a batch holds every budget's forced and generating sequences at once.
+    let per_budget = forced_len + gen_prompt_tokens + setup.gen_tokens + 2 * (max_window + 2 * args.page_size);
+    let context = (nb * per_budget).div_ceil(1024) * 1024 + 1024;
     let model_str = model.to_string_lossy().to_string();
     let server_args = ServerArgs::parse_from([
         "retro-eval", "--model", &model_str, "--cpu", "--dtype", "f32", "--no-prefix-cache",
         "--pa-block-size", &args.page_size.to_string(), "--pa-context-len", &context.to_string(),
-        "--max-seqs", &(nb + 1).to_string(), "--kv-policy", "full",
+        "--max-seqs", &(2 * nb + 1).to_string(), "--kv-policy", "full",
     ]);
     let switch = Arc::new(SwitchPolicy::new());
     let (engine, _) = crate::server::build_engine_with_policy(&server_args, Some(switch.clone())).await?;
@@ -432,7 +459,7 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
         .map(|&k| {
             let n = per_phase_forced(k) as u64;
             let forced = if args.no_forced { 0 } else { n * (setup.decode_steps as u64 + 1) };
-            let gen = if k == Kind::Retro(1) { 0 } else { n * setup.gen_tokens as u64 };
+            let gen = if k == Kind::QuestOracle { 0 } else { n * setup.gen_tokens as u64 };
             forced + gen
         })
         .sum();
@@ -445,34 +472,84 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
     let mut full_gen: Option<Vec<u32>> = None;
     let mut phase_times = Vec::new();
 
+    let decode = |t: &[u32]| tokenizer.decode(t, true).unwrap_or_default();
+    let meta = serde_json::json!({
+        "description": "retro-eval: KV policies against full attention on SmolLM2-135M-Instruct (f32, CPU). See docs/quality.md.",
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "quick": args.quick,
+        "model": model_str,
+        "text": args.text.to_string_lossy(),
+        "section": args.section,
+        "section_tokens": ids.len(),
+        "prompt_tokens": setup.prompt_tokens,
+        "decode_steps": setup.decode_steps,
+        "segments": args.segments,
+        "gen_tokens": setup.gen_tokens,
+        "gen_prompt": longgen.prompt,
+        "problems": longgen.problems.len(),
+        "page_size": args.page_size,
+        "dense_layers": args.dense_layers,
+        "gqa_aggregation": "sum",
+        "machine": machine(),
+        "load_seconds": load_secs,
+    });
+    let mut records = Vec::new();
     let outcome: Result<()> = async {
-        // Phase 1: teacher forcing.
-        if !args.no_forced {
-            for &kind in &kinds {
-                let budgets: Vec<f64> = if kind == Kind::Full { vec![1.0] } else { setup.budgets.clone() };
-                *progress.phase.lock().expect("lock poisoned") = format!("forced {}", kind.label());
-                let policy = Arc::new(PhasePolicy::new(kind, budgets.len(), args.dense_layers));
-                let assigned = Arc::new(Mutex::new(Vec::new()));
-                switch.switch_to(policy.served.clone(), Some(budget_hook(policy.clone(), budgets.clone(), assigned.clone())))?;
-                let forcers: Vec<Arc<Forcer>> = budgets
-                    .iter()
-                    .map(|_| Arc::new(Forcer::new(prompt.len(), continuation.clone(), reference.clone(), progress.done.clone())))
-                    .collect();
-                let t = Instant::now();
-                let processors = forcers.iter().map(|f| f.clone() as Arc<dyn CustomLogitsProcessor>).collect();
-                run_batch(&engine, &prompt, setup.decode_steps + 1, processors).await?;
-                let secs = t.elapsed().as_secs_f64();
-                phase_times.push((format!("forced {}", kind.label()), secs));
-                let ids = check_ids(&switch, &assigned, budgets.len())?;
-                if kind == Kind::Full {
-                    reference = Some(Arc::new(forcers[0].take_reference().expect("reference run")));
+        for &kind in &kinds {
+            let budgets: Vec<f64> = if kind == Kind::Full { vec![1.0] } else { setup.budgets.clone() };
+            let forced = !args.no_forced;
+            // retro w = 1 generates too: its check against quest needs the very same batch (the float
+            // sums of a matmul depend on its row count).
+            let generate = setup.gen_tokens > 0 && kind != Kind::QuestOracle;
+            // One batch per configuration: the forced sequences of every budget, then the free
+            // generations of every budget (they share the weight reads of each step). `full` runs its
+            // two alone, one after the other: a lone sequence takes the faster one-row path.
+            let mut batches: Vec<(bool, bool)> = vec![];
+            if kind == Kind::Full {
+                batches.extend([(forced, false), (false, generate)].into_iter().filter(|&(f, g)| f || g));
+            } else if forced || generate {
+                batches.push((forced, generate));
+            }
+            for (forced, generate) in batches {
+                let label = format!("{}{}{}", kind.label(), if forced { " forced" } else { "" }, if generate { " generate" } else { "" });
+                *progress.phase.lock().expect("lock poisoned") = label.clone();
+                let policy = Arc::new(PhasePolicy::new(kind, 2 * budgets.len(), args.dense_layers, oracle_store.as_ref()));
+                let mut order: Vec<(usize, f64)> = Vec::new();
+                let mut jobs: Vec<(Vec<u32>, usize, Arc<dyn CustomLogitsProcessor>)> = Vec::new();
+                let mut forcers = Vec::new();
+                let mut greedy = Vec::new();
+                if forced {
+                    for &b in &budgets {
+                        let f = Arc::new(Forcer::new(prompt.len(), continuation.clone(), reference.clone(), progress.done.clone()));
+                        jobs.push((prompt.clone(), setup.decode_steps + 1, f.clone()));
+                        forcers.push((b, f));
+                        order.push((prompt.len(), b));
+                    }
                 }
-                for (i, (f, &b)) in forcers.iter().zip(&budgets).enumerate() {
+                if generate {
+                    for &b in &budgets {
+                        let g = Arc::new(Greedy::new(masked.clone(), progress.done.clone()));
+                        jobs.push((gen_prompt.clone(), setup.gen_tokens, g.clone()));
+                        greedy.push((b, g));
+                        order.push((gen_prompt.len(), b));
+                    }
+                }
+                let assigned = Arc::new(Mutex::new(Vec::new()));
+                switch.switch_to(policy.served.clone(), Some(budget_hook(policy.clone(), order.clone(), assigned.clone())))?;
+                let t = Instant::now();
+                run_batch(&engine, jobs).await?;
+                let secs = t.elapsed().as_secs_f64();
+                phase_times.push((label.clone(), secs));
+                let ids = check_ids(&switch, &assigned, order.len())?;
+                if kind == Kind::Full && forced {
+                    reference = Some(Arc::new(forcers[0].1.take_reference().expect("reference run")));
+                }
+                for (i, (b, f)) in forcers.iter().enumerate() {
                     let record = f.record();
                     if record.forcing_errors > 0 || record.nll.len() != setup.decode_steps + 1 {
-                        bail!("{}: forcing failed ({} errors, {} of {} steps)", kind.label(), record.forcing_errors, record.nll.len(), setup.decode_steps + 1);
+                        bail!("{label}: forcing failed ({} errors, {} of {} steps)", record.forcing_errors, record.nll.len(), setup.decode_steps + 1);
                     }
-                    let cell = cells.entry(key(kind, b)).or_default();
+                    let cell = cells.entry(key(kind, *b)).or_default();
                     cell.forced = Some(record);
                     cell.forced_secs = Some(secs);
                     if let Some(retro) = &policy.retro {
@@ -483,32 +560,17 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
                         cell.exposure = Some(1.0);
                     }
                 }
-            }
-        }
-        // Phase 2: free generation.
-        if setup.gen_tokens > 0 {
-            for &kind in kinds.iter().filter(|&&k| k != Kind::Retro(1)) {
-                let budgets: Vec<f64> = if kind == Kind::Full { vec![1.0] } else { setup.budgets.clone() };
-                *progress.phase.lock().expect("lock poisoned") = format!("generate {}", kind.label());
-                let policy = Arc::new(PhasePolicy::new(kind, budgets.len(), args.dense_layers));
-                let assigned = Arc::new(Mutex::new(Vec::new()));
-                switch.switch_to(policy.served.clone(), Some(budget_hook(policy.clone(), budgets.clone(), assigned.clone())))?;
-                let greedy: Vec<Arc<Greedy>> = budgets.iter().map(|_| Arc::new(Greedy::new(masked.clone(), progress.done.clone()))).collect();
-                let t = Instant::now();
-                let processors = greedy.iter().map(|g| g.clone() as Arc<dyn CustomLogitsProcessor>).collect();
-                run_batch(&engine, &gen_prompt, setup.gen_tokens, processors).await?;
-                let secs = t.elapsed().as_secs_f64();
-                phase_times.push((format!("generate {}", kind.label()), secs));
-                check_ids(&switch, &assigned, budgets.len())?;
-                for (g, &b) in greedy.iter().zip(&budgets) {
+                for (b, g) in &greedy {
                     let tokens = g.tokens();
                     if kind == Kind::Full {
                         full_gen = Some(tokens.clone());
                     }
-                    let cell = cells.entry(key(kind, b)).or_default();
+                    let cell = cells.entry(key(kind, *b)).or_default();
                     cell.gen_tokens = Some(tokens);
                     cell.gen_secs = Some(secs);
                 }
+                // Results so far, so that an interrupted run keeps what it measured.
+                records = write_results(&args, &setup, &meta, &cells, &longgen, full_gen.as_deref(), &decode, &phase_times, started)?;
             }
         }
         Ok(())
@@ -517,13 +579,29 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
     progress.stop.store(true, Ordering::Relaxed);
     let _ = ticker.join();
     outcome?;
+    eprintln!("retro-eval: {} records in {:.0} s → {}", records.len(), started.elapsed().as_secs_f64(), args.out.display());
+    Ok(records)
+}
 
-    // Records.
-    let decode = |t: &[u32]| tokenizer.decode(t, true).unwrap_or_default();
-    let full_answers = full_gen.as_ref().map(|t| longgen.answers(&decode(t)));
+type Cells = BTreeMap<(String, u64, usize), Cell>;
+
+/// Build the records from what was measured so far and write `--out` (and `--curves`).
+#[allow(clippy::too_many_arguments)]
+fn write_results(
+    args: &EvalArgs,
+    setup: &Setup,
+    meta: &serde_json::Value,
+    cells: &Cells,
+    longgen: &longgen::LongGen,
+    full_gen: Option<&[u32]>,
+    decode: &dyn Fn(&[u32]) -> String,
+    phase_times: &[(String, f64)],
+    started: Instant,
+) -> Result<Vec<QualityRecord>> {
+    let full_answers = full_gen.map(|t| longgen.answers(&decode(t)));
     let mut records = Vec::new();
     let mut retro_w1_check = None;
-    for ((policy, budget, window), cell) in &cells {
+    for ((policy, budget, window), cell) in cells {
         let budget = *budget as f64 / 1e6;
         let (kl_segments, ppl_segments, kl_mean, ppl, top1) = match &cell.forced {
             Some(r) => {
@@ -535,11 +613,10 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
             }
             None => (vec![], vec![], None, None, None),
         };
-        let (agree_tokens, agree_answers, correct_answers) = match (&cell.gen_tokens, &full_gen) {
-            (Some(mine), Some(full)) => {
+        let (agree_tokens, agree_answers, correct_answers) = match (&cell.gen_tokens, full_gen, &full_answers) {
+            (Some(mine), Some(full), Some(full_answers)) => {
                 let agree = mine.iter().zip(full).take_while(|(a, b)| a == b).count();
                 let answers = longgen.answers(&decode(mine));
-                let full_answers = full_answers.as_ref().expect("full answers");
                 let same = answers.iter().zip(full_answers).filter(|(a, b)| a == b).count();
                 let correct = longgen.correct(&answers);
                 (Some(agree), Some(same as f64 / answers.len().max(1) as f64), Some(correct))
@@ -572,6 +649,8 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
                 (Some(q), Some(r)) => q.kl == r.kl && q.nll == r.nll,
                 _ => false,
             };
+            let quest_gen = cells.get(&("quest".into(), (budget * 1e6).round() as u64, 1)).and_then(|c| c.gen_tokens.as_ref());
+            let same = same && quest_gen == cell.gen_tokens.as_ref();
             retro_w1_check = Some(same);
             if !same {
                 bail!("retro with w = 1 differs from quest at budget {budget}");
@@ -580,47 +659,28 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
         }
         records.push(record);
     }
-
-    let total_secs = started.elapsed().as_secs_f64();
-    let curves = curves_json(&cells, &setup);
-    let out = serde_json::json!({
-        "description": "retro-eval: KV policies against full attention on SmolLM2-135M-Instruct (f32, CPU). See docs/quality.md.",
-        "command": std::env::args().collect::<Vec<_>>().join(" "),
-        "quick": args.quick,
-        "model": model_str,
-        "text": args.text.to_string_lossy(),
-        "section": args.section,
-        "section_tokens": ids.len(),
-        "prompt_tokens": setup.prompt_tokens,
-        "decode_steps": setup.decode_steps,
-        "segments": args.segments,
-        "gen_tokens": setup.gen_tokens,
-        "gen_prompt": longgen.prompt,
-        "problems": longgen.problems.len(),
-        "page_size": args.page_size,
-        "dense_layers": args.dense_layers,
-        "gqa_aggregation": "sum",
-        "retro_w1_equals_quest": retro_w1_check,
-        "full_generation": full_gen.as_ref().map(|t| decode(t)),
-        "full_answers": full_answers,
-        "load_seconds": load_secs,
-        "total_seconds": total_secs,
-        "phase_seconds": phase_times.iter().map(|(n, s)| serde_json::json!({"phase": n, "seconds": s})).collect::<Vec<_>>(),
-        "machine": machine(),
-        "records": records,
-    });
+    let mut out = meta.clone();
+    let obj = out.as_object_mut().expect("meta is an object");
+    obj.insert("retro_w1_equals_quest".into(), serde_json::json!(retro_w1_check));
+    obj.insert("full_generation".into(), serde_json::json!(full_gen.map(decode)));
+    obj.insert("full_answers".into(), serde_json::json!(full_answers));
+    obj.insert("total_seconds".into(), serde_json::json!(started.elapsed().as_secs_f64()));
+    obj.insert(
+        "phase_seconds".into(),
+        phase_times.iter().map(|(n, s)| serde_json::json!({"phase": n, "seconds": s})).collect::<Vec<_>>().into(),
+    );
+    obj.insert("records".into(), serde_json::to_value(&records)?);
     write_json(&args.out, &out)?;
     if args.curves.as_os_str() != "none" {
-        if let Some(curves) = curves {
+        if let Some(curves) = curves_json(cells, setup) {
             write_json(&args.curves, &curves)?;
         }
     }
-    eprintln!("retro-eval: {} records in {:.0} s → {}", records.len(), total_secs, args.out.display());
     Ok(records)
 }
 
 /// Per-step KL at the budget nearest 10% for full, quest and every retro window.
-fn curves_json(cells: &BTreeMap<(String, u64, usize), Cell>, setup: &Setup) -> Option<serde_json::Value> {
+fn curves_json(cells: &Cells, setup: &Setup) -> Option<serde_json::Value> {
     let budget = setup.budgets.iter().copied().min_by(|a, b| (a - 0.10).abs().total_cmp(&(b - 0.10).abs()))?;
     let b = (budget * 1e6).round() as u64;
     let series: Vec<_> = cells
@@ -652,26 +712,37 @@ fn machine() -> serde_json::Value {
     })
 }
 
-/// Gives the sequences of a batch their budgets: the engine numbers sequences in the order it
-/// receives the requests (`submit` sends them one after another), so the i-th new sequence id is
-/// the i-th request.
-fn budget_hook(policy: Arc<PhasePolicy>, budgets: Vec<f64>, assigned: Arc<Mutex<Vec<usize>>>) -> Box<dyn FnMut(usize) + Send> {
-    Box::new(move |seq_id| {
+/// Gives the sequences of a batch their budgets. A batch holds up to two kinds of request (forced,
+/// generating), told apart by prompt length; the engine numbers sequences in the order it receives
+/// the requests (`submit` sends them one after another) and prefills prompts of one length first
+/// come, first served, so within a kind the i-th new sequence is the i-th request of that kind.
+/// `check_ids` verifies the ids afterwards.
+fn budget_hook(policy: Arc<PhasePolicy>, order: Vec<(usize, f64)>, assigned: Arc<Mutex<Vec<Option<usize>>>>) -> Box<dyn FnMut(usize, usize) + Send> {
+    Box::new(move |seq_id, prompt_len| {
         let mut assigned = assigned.lock().expect("lock poisoned");
-        if let Some(&b) = budgets.get(assigned.len()) {
-            policy.set_budget(seq_id, b);
+        if assigned.len() < order.len() {
+            assigned.resize(order.len(), None);
         }
-        assigned.push(seq_id);
+        if let Some(i) = (0..order.len()).find(|&i| order[i].0 == prompt_len && assigned[i].is_none()) {
+            policy.set_budget(seq_id, order[i].1);
+            assigned[i] = Some(seq_id);
+        } else {
+            assigned.push(Some(seq_id)); // unexpected: check_ids fails
+        }
     })
 }
 
 /// The batch's sequence ids, in request order; checks that exactly one new sequence per request
-/// was seen and that they were consecutive.
-fn check_ids(switch: &SwitchPolicy, assigned: &Mutex<Vec<usize>>, requests: usize) -> Result<Vec<usize>> {
-    let ids = assigned.lock().expect("lock poisoned").clone();
+/// was seen and that the ids follow the request order.
+fn check_ids(switch: &SwitchPolicy, assigned: &Mutex<Vec<Option<usize>>>, requests: usize) -> Result<Vec<usize>> {
+    let ids: Vec<Option<usize>> = assigned.lock().expect("lock poisoned").clone();
     let seen: Vec<usize> = switch.seen_sequences().into_iter().collect();
+    let ok = ids.len() == requests && ids.iter().all(Option::is_some);
+    let ids: Vec<usize> = ids.into_iter().flatten().collect();
     let consecutive = ids.windows(2).all(|w| w[1] == w[0] + 1);
-    if ids.len() != requests || seen != ids || !consecutive {
+    let mut sorted = ids.clone();
+    sorted.sort_unstable();
+    if !ok || sorted != seen || !consecutive {
         bail!("sequence ids {ids:?} (seen {seen:?}) for {requests} requests: per-sequence budgets would be wrong");
     }
     Ok(ids)

@@ -32,7 +32,8 @@ pub struct SwitchPolicy {
     on_new_sequence: Mutex<Option<NewSequenceHook>>,
 }
 
-type NewSequenceHook = Box<dyn FnMut(usize) + Send>;
+/// `(sequence id, tokens in its first write)`.
+pub type NewSequenceHook = Box<dyn FnMut(usize, usize) + Send>;
 
 impl Default for SwitchPolicy {
     fn default() -> Self {
@@ -92,14 +93,20 @@ impl KvPolicy for SwitchPolicy {
     fn write_kv(&self, batch: &BatchInfo<'_>, write: &CacheWrite<'_>) -> Result<bool> {
         if batch.layer == Some(0) {
             let mut seen = self.seen.lock().expect("lock poisoned");
-            let mut new: Vec<usize> = batch.seq_ids.iter().copied().filter(|id| !seen.contains(id)).collect();
+            let mut new: Vec<(usize, usize)> = batch
+                .seq_ids
+                .iter()
+                .copied()
+                .zip(batch.seq_context_lens.iter().copied())
+                .filter(|(id, _)| !seen.contains(id))
+                .collect();
             new.sort_unstable();
             if let Some(hook) = self.on_new_sequence.lock().expect("lock poisoned").as_mut() {
-                for &id in &new {
-                    hook(id);
+                for &(id, len) in &new {
+                    hook(id, len);
                 }
             }
-            seen.extend(new);
+            seen.extend(new.into_iter().map(|(id, _)| id));
         }
         self.current().write_kv(batch, write)
     }
