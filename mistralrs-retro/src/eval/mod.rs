@@ -513,7 +513,9 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
             for (forced, generate) in batches {
                 let label = format!("{}{}{}", kind.label(), if forced { " forced" } else { "" }, if generate { " generate" } else { "" });
                 *progress.phase.lock().expect("lock poisoned") = label.clone();
-                let policy = Arc::new(PhasePolicy::new(kind, 2 * budgets.len(), args.dense_layers, oracle_store.as_ref()));
+                // full records its K/V for the diagnostic in the forced batch only (positions are per sequence).
+                let oracle = if forced && !generate { oracle_store.as_ref() } else { None };
+                let policy = Arc::new(PhasePolicy::new(kind, 2 * budgets.len(), args.dense_layers, oracle));
                 let mut order: Vec<(usize, f64)> = Vec::new();
                 let mut jobs: Vec<(Vec<u32>, usize, Arc<dyn CustomLogitsProcessor>)> = Vec::new();
                 let mut forcers = Vec::new();
