@@ -10,7 +10,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 out="$root/.upstream"
-UPSTREAM=("mistralrs-core 0.8.1" "mistralrs-server-core 0.8.1")
+UPSTREAM=("mistralrs-core 0.8.1" "mistralrs-server-core 0.8.1" "mistralrs-quant 0.8.1")
 
 registry_src() { # crate version -> path of the unpacked registry source, or empty
   local d

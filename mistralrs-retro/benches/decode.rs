@@ -58,6 +58,14 @@ fn main() {
         ("quest 12.5%", Server::start(&with(&["--kv-policy", "quest", "--kv-budget-ratio", "0.125", "--kv-budget-min-tokens", "0"]))),
         ("retro w=2 12.5%", Server::start(&with(&["--kv-policy", "retro", "--kv-window", "2", "--kv-budget-ratio", "0.125", "--kv-budget-min-tokens", "0"]))),
         ("retro w=4 12.5%", Server::start(&with(&["--kv-policy", "retro", "--kv-window", "4", "--kv-budget-ratio", "0.125", "--kv-budget-min-tokens", "0"]))),
+        // The same retro w=2 with linear layers on gemm's packed path (before patch mistralrs-quant/0001).
+        (
+            "retro w=2 packed gemm",
+            Server::start_with_env(
+                &with(&["--kv-policy", "retro", "--kv-window", "2", "--kv-budget-ratio", "0.125", "--kv-budget-min-tokens", "0"]),
+                &[("RETRO_CPU_ROW_SPLIT_LIMIT", "0")],
+            ),
+        ),
     ];
     const FULL: usize = 1;
 

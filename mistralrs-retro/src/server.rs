@@ -338,9 +338,10 @@ pub async fn build_engine(
     args: &ServerArgs,
 ) -> Result<(mistralrs_server_core::types::SharedMistralRsState, Option<Arc<dyn ServedPolicy>>)> {
     let (policy_config, _) = args.validate()?;
+    // `policy::install` also sets the CPU row-split limit of the linear layers for the policy.
     let policy = (!args.no_paged_attn).then(|| {
         info!("{}", policy_config.describe());
-        policy_config.build()
+        crate::policy::install(&policy_config)
     });
     build_engine_with_policy(args, policy).await
 }

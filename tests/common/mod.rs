@@ -66,11 +66,17 @@ impl Server {
     /// Activations and KV cache are f32 (the CPU "auto" dtype would pick a half type) unless `args`
     /// say otherwise: later flags override earlier ones.
     pub fn start(args: &[&str]) -> Server {
+        Self::start_with_env(args, &[])
+    }
+
+    /// [`Server::start`] with extra environment variables for the server process.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut child = Command::new(server_exe())
             .args(["--port", "0", "--host", "127.0.0.1", "--dtype", "f32"])
             .args(args)
             .current_dir(workspace_root())
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

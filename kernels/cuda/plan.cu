@@ -1,0 +1,221 @@
+// The plan step of a sparse decode step on the GPU, for a batch of sequences:
+//  1. score_pages: Quest's upper bound of q·k over every page, Σ_g Σ_d max(q_d·min_d, q_d·max_d)
+//     summed over the query heads g of the KV head's GQA group, from the newest query row; the
+//     first page (attention sink) and the last (partial, newest) page score +inf so they are
+//     always kept (same rule as policy::plan::select_pages on CPU).
+//  2. select_top_pages: per (sequence, KV head) the top-k pages by score, k = the budget in pages,
+//     written in ascending page order (what the decode kernel and the CPU PageSelection expect).
+//     A radix select finds the k-th largest score in 4 passes over the scores, then an ordered
+//     block-wide compaction writes the winners; ties at the threshold go to the lowest pages.
+//  3. retro_row_masks: which query rows of the replay window use each selected page: the newest
+//     row always; an older row only when it is a cached row that has not seen the page yet (its
+//     "supplement"), after which the page is marked seen.
+#include "common.cuh"
+
+// grid: (ceil(max_pages / WARPS), kv_heads, batch); block: 32 * WARPS. One warp per page.
+template <typename T, int WARPS>
+__device__ void score_pages(const T* __restrict__ queries, const float* __restrict__ bounds,
+                            const uint32_t* __restrict__ block_tables, int max_blocks_per_seq,
+                            const uint32_t* __restrict__ context_lens, int rows, int heads,
+                            int kv_heads, int head_dim, int block_size,
+                            float* __restrict__ scores, int max_pages) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int page = blockIdx.x * WARPS + warp, h = blockIdx.y, seq = blockIdx.z;
+  const int pages = (context_lens[seq] + block_size - 1) / block_size;
+  if (page >= pages) return;
+  float* out = scores + ((int64_t)seq * kv_heads + h) * max_pages;
+  if (page == 0 || page == pages - 1) {
+    if (lane == 0) out[page] = INFINITY;
+    return;
+  }
+  const int group = heads / kv_heads;
+  const uint32_t block = block_tables[(int64_t)seq * max_blocks_per_seq + page];
+  const float* lo = bounds + ((int64_t)block * kv_heads + h) * 2 * head_dim;
+  const float* hi = lo + head_dim;
+  const T* q = queries + (((int64_t)seq * rows + rows - 1) * heads + (int64_t)h * group) * head_dim;
+  float acc = 0.f;
+  for (int g = 0; g < group; ++g) {
+    for (int d = lane; d < head_dim; d += 32) {
+      const float qd = to_f32(q[g * head_dim + d]);
+      acc += fmaxf(qd * lo[d], qd * hi[d]);
+    }
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (lane == 0) out[page] = acc;
+}
+
+#define RETRO_SCORE(T, NAME)                                                                     \
+  extern "C" __global__ void score_pages_##NAME(                                                 \
+      const T* queries, const float* bounds, const uint32_t* block_tables,                      \
+      int max_blocks_per_seq, const uint32_t* context_lens, int rows, int heads, int kv_heads,   \
+      int head_dim, int block_size, float* scores, int max_pages) {                              \
+    score_pages<T, 4>(queries, bounds, block_tables, max_blocks_per_seq, context_lens, rows,    \
+                      heads, kv_heads, head_dim, block_size, scores, max_pages);                 \
+  }
+RETRO_FOR_EACH_DTYPE(RETRO_SCORE)
+
+// Monotone map of a float to an unsigned key: a > b  <=>  key(a) > key(b) (NaN aside).
+__device__ __forceinline__ uint32_t order_key(float f) {
+  const uint32_t u = __float_as_uint(f);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Exclusive prefix sum of one int per thread over the block; returns the block total too.
+template <int THREADS>
+__device__ __forceinline__ int block_exclusive_sum(int v, int* total, int* warp_sums) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  int incl = v;
+#pragma unroll
+  for (int off = 1; off < 32; off *= 2) {
+    const int n = __shfl_up_sync(0xffffffffu, incl, off);
+    if (lane >= off) incl += n;
+  }
+  if (lane == 31) warp_sums[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    int w = lane < THREADS / 32 ? warp_sums[lane] : 0;
+#pragma unroll
+    for (int off = 1; off < 32; off *= 2) {
+      const int n = __shfl_up_sync(0xffffffffu, w, off);
+      if (lane >= off) w += n;
+    }
+    if (lane < THREADS / 32) warp_sums[lane] = w;  // inclusive over warps
+  }
+  __syncthreads();
+  const int before = warp == 0 ? 0 : warp_sums[warp - 1];
+  *total = warp_sums[THREADS / 32 - 1];
+  __syncthreads();  // warp_sums is reused by the next call
+  return before + incl - v;
+}
+
+// grid: (kv_heads, batch); block: THREADS. Writes sel_pages[list * stride + i], i < sel_counts[list].
+template <int THREADS>
+__device__ void select_top_pages(const float* __restrict__ scores, int max_pages,
+                                 const uint32_t* __restrict__ context_lens,
+                                 const uint32_t* __restrict__ budget_pages, int block_size,
+                                 int kv_heads, uint32_t* __restrict__ sel_pages,
+                                 uint32_t* __restrict__ sel_counts, int stride) {
+  const int h = blockIdx.x, seq = blockIdx.y;
+  const int list = seq * kv_heads + h;
+  const int pages = (context_lens[seq] + block_size - 1) / block_size;
+  const int keep = budget_pages[seq];
+  uint32_t* out = sel_pages + (int64_t)list * stride;
+  if (keep >= pages) {
+    for (int p = threadIdx.x; p < pages; p += THREADS) out[p] = p;
+    if (threadIdx.x == 0) sel_counts[list] = pages;
+    return;
+  }
+  const float* s = scores + (int64_t)list * max_pages;
+  __shared__ uint32_t hist[256];
+  __shared__ uint32_t s_prefix, s_mask;
+  __shared__ int s_want, s_base, s_tie_base;
+  __shared__ int warp_sums[32];
+  if (threadIdx.x == 0) {
+    s_prefix = 0;
+    s_mask = 0;
+    s_want = min(max(keep, 2), pages);  // first and last are always in, as on CPU
+  }
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int i = threadIdx.x; i < 256; i += THREADS) hist[i] = 0;
+    __syncthreads();
+    const uint32_t prefix = s_prefix, mask = s_mask;
+    for (int p = threadIdx.x; p < pages; p += THREADS) {
+      const uint32_t u = order_key(s[p]);
+      if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 255u], 1u);
+    }
+    __syncthreads();
+    // The digit holding the want-th largest key: warp 0, lane l owns digits 255 - 8l down to
+    // 248 - 8l; a prefix sum over lanes finds the one chunk where the count from the top crosses.
+    if (threadIdx.x < 32) {
+      const int lane = threadIdx.x;
+      const int want = s_want;
+      int chunk = 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) chunk += hist[255 - 8 * lane - j];
+      int incl = chunk;
+#pragma unroll
+      for (int off = 1; off < 32; off *= 2) {
+        const int n = __shfl_up_sync(0xffffffffu, incl, off);
+        if (lane >= off) incl += n;
+      }
+      int above = incl - chunk;
+      if (above < want && incl >= want) {
+        for (int j = 0; j < 8; ++j) {
+          const int d = 255 - 8 * lane - j;
+          if (above + (int)hist[d] >= want) {
+            s_prefix = prefix | ((uint32_t)d << shift);
+            s_mask = mask | (255u << shift);
+            s_want = want - above;
+            break;
+          }
+          above += hist[d];
+        }
+      }
+    }
+    __syncthreads();
+  }
+  const uint32_t threshold = s_prefix;
+  const int ties_wanted = s_want;
+  if (threadIdx.x == 0) {
+    s_base = 0;
+    s_tie_base = 0;
+  }
+  __syncthreads();
+  for (int start = 0; start < pages; start += THREADS) {
+    const int p = start + threadIdx.x;
+    const uint32_t u = p < pages ? order_key(s[p]) : 0u;
+    const int above = p < pages && u > threshold;
+    const int tie = p < pages && u == threshold;
+    int ties_total;
+    const int tie_rank = block_exclusive_sum<THREADS>(tie, &ties_total, warp_sums);
+    const int take = above || (tie && s_tie_base + tie_rank < ties_wanted);
+    int taken;
+    const int at = block_exclusive_sum<THREADS>(take, &taken, warp_sums);
+    if (take) out[s_base + at] = p;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      s_base += taken;
+      s_tie_base += ties_total;
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) sel_counts[list] = s_base;
+}
+
+extern "C" __global__ void select_top_pages_u32(const float* scores, int max_pages,
+                                                const uint32_t* context_lens,
+                                                const uint32_t* budget_pages, int block_size,
+                                                int kv_heads, uint32_t* sel_pages,
+                                                uint32_t* sel_counts, int stride) {
+  select_top_pages<512>(scores, max_pages, context_lens, budget_pages, block_size, kv_heads,
+                        sel_pages, sel_counts, stride);
+}
+
+// grid: (kv_heads, batch); block: 256. row_state [batch, rows - 1]: 1 = a cached past row (gets
+// supplements), 0 = skip. seen: u32 bitsets [batch, rows - 1, kv_heads, seen_words].
+extern "C" __global__ void retro_row_masks(const uint32_t* __restrict__ sel_pages,
+                                           const uint32_t* __restrict__ sel_counts, int stride,
+                                           uint32_t* __restrict__ masks,
+                                           uint32_t* __restrict__ seen, int seen_words,
+                                           const uint32_t* __restrict__ row_state, int rows,
+                                           int kv_heads) {
+  const int h = blockIdx.x, seq = blockIdx.y;
+  const int list = seq * kv_heads + h;
+  const int count = sel_counts[list];
+  for (int i = threadIdx.x; i < count; i += blockDim.x) {
+    const uint32_t page = sel_pages[(int64_t)list * stride + i];
+    uint32_t mask = 1u << (rows - 1);
+    for (int r = 0; r < rows - 1; ++r) {
+      if (row_state[seq * (rows - 1) + r] != 1u) continue;
+      uint32_t* bits = seen + (((int64_t)seq * (rows - 1) + r) * kv_heads + h) * seen_words;
+      const uint32_t bit = 1u << (page % 32);
+      // Pages within a list are distinct, so no other thread touches this bit.
+      if (!(bits[page / 32] & bit)) {
+        mask |= 1u << r;
+        atomicOr(&bits[page / 32], bit);
+      }
+    }
+    masks[(int64_t)list * stride + i] = mask;
+  }
+}

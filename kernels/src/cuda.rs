@@ -1,0 +1,521 @@
+//! Launchers of the CUDA kernels on candle CUDA tensors (upstream's paged-cache layout, see
+//! `cuda/common.cuh`). Each checks shapes and dtypes and fails with a message naming the argument;
+//! none synchronizes: everything runs in order on the tensors' device stream.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::cuda_backend::cudarc::driver::{
+    sys::CUfunction_attribute, CudaFunction, CudaModule, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
+use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
+use candle_core::op::BackpropOp;
+use candle_core::{bail, DType, Device, Layout, Result, Storage, Tensor};
+
+use crate::DecodePlan;
+
+const CUBINS: &[(&str, &[u8])] = &[
+    ("page_summaries", include_bytes!(concat!(env!("OUT_DIR"), "/page_summaries.cubin"))),
+    ("plan", include_bytes!(concat!(env!("OUT_DIR"), "/plan.cubin"))),
+    ("selected_decode", include_bytes!(concat!(env!("OUT_DIR"), "/selected_decode.cubin"))),
+];
+
+/// Most query vectors (GQA group x window rows) one decode block serves (the largest `MAXQ`
+/// instantiation in selected_decode.cu; the launcher picks the smallest of 8, 32, 64 that fits).
+pub const MAX_QUERIES: usize = 64;
+
+fn queries_per_block(nq: usize) -> usize {
+    [8, 32, 64].into_iter().find(|&q| nq <= q).unwrap_or(MAX_QUERIES)
+}
+
+type ModuleKey = (usize, &'static str);
+fn modules() -> &'static Mutex<HashMap<ModuleKey, Arc<CudaModule>>> {
+    static MODULES: OnceLock<Mutex<HashMap<ModuleKey, Arc<CudaModule>>>> = OnceLock::new();
+    MODULES.get_or_init(Default::default)
+}
+
+/// A kernel of one of our cubins, loaded once per CUDA context.
+fn function(dev: &CudaDevice, module: &'static str, name: &str) -> Result<CudaFunction> {
+    let stream = dev.cuda_stream();
+    let ctx = stream.context();
+    let key = (Arc::as_ptr(ctx) as usize, module);
+    let loaded = {
+        let mut map = modules().lock().expect("retro-kernels module cache poisoned");
+        match map.get(&key) {
+            Some(m) => m.clone(),
+            None => {
+                let image = CUBINS.iter().find(|(n, _)| *n == module).expect("known module").1;
+                let m = ctx.load_module(Ptx::from_binary(image.to_vec())).w()?;
+                map.insert(key, m.clone());
+                m
+            }
+        }
+    };
+    loaded.load_function(name).w()
+}
+
+fn cuda_device(t: &Tensor, what: &str) -> Result<CudaDevice> {
+    match t.device() {
+        Device::Cuda(d) => Ok(d.clone()),
+        other => bail!("retro-kernels: {what} must be on a CUDA device, is on {other:?}"),
+    }
+}
+
+/// The tensor's elements as a device view (contiguous, dtype T).
+fn view<'a, T: CudaDType>(storage: &'a Storage, layout: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+    if !layout.is_contiguous() {
+        bail!("retro-kernels: {what} must be contiguous");
+    }
+    match storage {
+        Storage::Cuda(s) => Ok(s.as_cuda_slice::<T>()?.slice(layout.start_offset()..)),
+        _ => bail!("retro-kernels: {what} must be a CUDA tensor"),
+    }
+}
+
+fn check_dtype(t: &Tensor, dtype: DType, what: &str) -> Result<()> {
+    if t.dtype() != dtype {
+        bail!("retro-kernels: {what} must be {dtype:?}, is {:?}", t.dtype());
+    }
+    Ok(())
+}
+
+fn check_dims(t: &Tensor, dims: &[usize], what: &str) -> Result<()> {
+    if t.dims() != dims {
+        bail!("retro-kernels: {what} must have shape {dims:?}, has {:?}", t.dims());
+    }
+    Ok(())
+}
+
+fn suffix(dtype: DType, what: &str) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        other => bail!("retro-kernels: {what} must be f32, f16 or bf16, is {other:?}"),
+    })
+}
+
+/// An uninitialized device tensor: only for outputs the kernels write in full (or only read where
+/// they wrote), so the GPU checks can poison the allocator's memory and catch unwritten elements.
+fn new_tensor<T: CudaDType + DeviceRepr>(dev: &CudaDevice, dims: &[usize]) -> Result<Tensor> {
+    let n = dims.iter().product::<usize>().max(1);
+    // SAFETY: see above; every caller's kernel writes what is later read.
+    let slice = unsafe { dev.alloc::<T>(n)? };
+    let storage = Storage::Cuda(T::wrap_cuda_slice(slice, dev.clone()));
+    let t = Tensor::from_storage(storage, n, BackpropOp::none(), false);
+    t.narrow(0, 0, dims.iter().product())?.reshape(dims)
+}
+
+fn launch1d(grid: (u32, u32, u32), block: u32, smem: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: smem }
+}
+
+/// Cache geometry `(num_blocks, kv_heads, head_dim, block_size)` from the key cache
+/// `[blocks, kv_heads, head_dim / x, block_size, x]`, checked against the value cache.
+pub fn cache_geometry(key_cache: &Tensor, value_cache: &Tensor) -> Result<(usize, usize, usize, usize)> {
+    let (blocks, kv_heads, chunks, block_size, x) = key_cache.dims5()?;
+    let head_dim = chunks * x;
+    if x * key_cache.dtype().size_in_bytes() != 16 {
+        bail!("retro-kernels: key_cache's last dim must hold 16 bytes, has {x} x {:?}", key_cache.dtype());
+    }
+    check_dims(value_cache, &[blocks, kv_heads, head_dim, block_size], "value_cache")?;
+    check_dtype(value_cache, key_cache.dtype(), "value_cache")?;
+    Ok((blocks, kv_heads, head_dim, block_size))
+}
+
+/// Recompute the page bounds (`f32 [num_blocks, kv_heads, 2, head_dim]`, min then max) of every
+/// block `slot_mapping` (i64, -1 = no write) touches, from the key cache. Run after each cache write.
+pub fn refresh_page_bounds(key_cache: &Tensor, slot_mapping: &Tensor, bounds: &Tensor) -> Result<()> {
+    let dev = cuda_device(key_cache, "key_cache")?;
+    let (blocks, kv_heads, chunks, block_size, x) = key_cache.dims5()?;
+    let head_dim = chunks * x;
+    check_dims(bounds, &[blocks, kv_heads, 2, head_dim], "page bounds")?;
+    check_dtype(bounds, DType::F32, "page bounds")?;
+    check_dtype(slot_mapping, DType::I64, "slot_mapping")?;
+    let slots = slot_mapping.elem_count();
+    if slots == 0 {
+        return Ok(());
+    }
+    let name = format!("refresh_page_bounds_{}", suffix(key_cache.dtype(), "key_cache")?);
+    let func = function(&dev, "page_summaries", &name)?;
+    let (ks, kl) = key_cache.storage_and_layout();
+    let (ss, sl) = slot_mapping.storage_and_layout();
+    let (bs, bl) = bounds.storage_and_layout();
+    let (kv_heads_i, head_dim_i, block_size_i, blocks_i) = (kv_heads as i32, head_dim as i32, block_size as i32, blocks as i32);
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&func);
+    macro_rules! go {
+        ($t:ty) => {{
+            let k = view::<$t>(&ks, kl, "key_cache")?;
+            let s = view::<i64>(&ss, sl, "slot_mapping")?;
+            let o = view::<f32>(&bs, bl, "page bounds")?;
+            b.arg(&k).arg(&s).arg(&o).arg(&kv_heads_i).arg(&head_dim_i).arg(&block_size_i).arg(&blocks_i);
+            unsafe { b.launch(launch1d((slots as u32, kv_heads as u32, 1), head_dim.min(128) as u32, 0)) }.w()?;
+        }};
+    }
+    match key_cache.dtype() {
+        DType::F32 => go!(f32),
+        DType::F16 => go!(half::f16),
+        _ => go!(half::bf16),
+    }
+    Ok(())
+}
+
+/// A decode step's plan on the device: the host plan plus its per-sequence arrays.
+pub struct DevicePlan {
+    pub plan: DecodePlan,
+    /// u32 `[batch]`.
+    pub context_lens: Tensor,
+    /// u32 `[batch]`.
+    pub budget_pages: Tensor,
+}
+
+impl DevicePlan {
+    pub fn upload(plan: DecodePlan, device: &Device) -> Result<Self> {
+        let context_lens = Tensor::new(plan.context_lens.as_slice(), device)?;
+        let budget_pages = Tensor::new(plan.budget_pages.as_slice(), device)?;
+        Ok(Self { plan, context_lens, budget_pages })
+    }
+}
+
+/// Page lists per (sequence, KV head), padded to the plan's stride: list `l` is
+/// `pages[l, ..counts[l]]`, ascending; `masks[l, i]` has bit r when query row r uses page i
+/// (`None`: every row uses every listed page).
+pub struct Selection {
+    /// u32 `[lists, stride]`.
+    pub pages: Tensor,
+    /// u32 `[lists]`.
+    pub counts: Tensor,
+    /// u32 `[lists, stride]`.
+    pub masks: Option<Tensor>,
+}
+
+/// Quest's selection for every (sequence, KV head): the first and last page plus the top pages
+/// by page bound for the newest query row, `budget_pages` in all (every page when the budget covers
+/// them). `queries [batch * rows, heads, head_dim]`, `block_tables` u32 `[batch, max_blocks]`.
+pub fn select_pages(plan: &DevicePlan, queries: &Tensor, bounds: &Tensor, block_tables: &Tensor) -> Result<Selection> {
+    let p = &plan.plan;
+    let dev = cuda_device(queries, "queries")?;
+    let (qrows, heads, head_dim) = queries.dims3()?;
+    if qrows != p.batch * p.rows {
+        bail!("retro-kernels: queries have {qrows} rows, the plan {} x {}", p.batch, p.rows);
+    }
+    if heads % p.kv_heads != 0 {
+        bail!("retro-kernels: {heads} query heads do not group over {} kv heads", p.kv_heads);
+    }
+    let (num_blocks, kv_heads, two, bounds_dim) = bounds.dims4()?;
+    if kv_heads != p.kv_heads || two != 2 || bounds_dim != head_dim {
+        bail!("retro-kernels: page bounds {:?} do not fit {} kv heads x head dim {head_dim}", bounds.dims(), p.kv_heads);
+    }
+    let _ = num_blocks;
+    check_dtype(block_tables, DType::U32, "block_tables")?;
+    let (bt_rows, max_blocks) = block_tables.dims2()?;
+    if bt_rows != p.batch || max_blocks < p.max_pages {
+        bail!("retro-kernels: block_tables {:?} too small for {} sequences of {} pages", block_tables.dims(), p.batch, p.max_pages);
+    }
+    let lists = p.lists();
+    let pages = new_tensor::<u32>(&dev, &[lists, p.stride.max(1)])?;
+    let counts = new_tensor::<u32>(&dev, &[lists])?;
+    if lists == 0 {
+        return Ok(Selection { pages, counts, masks: None });
+    }
+    let scores = new_tensor::<f32>(&dev, &[lists, p.max_pages.max(1)])?;
+    let stream = dev.cuda_stream();
+    // When every budget covers its sequence, the selection is every page: no scores needed.
+    let sparse = p.context_lens.iter().zip(&p.budget_pages).any(|(&c, &b)| (b as usize) < (c as usize).div_ceil(p.block_size));
+    if sparse {
+        let score = function(&dev, "plan", &format!("score_pages_{}", suffix(queries.dtype(), "queries")?))?;
+        let (qs, ql) = queries.storage_and_layout();
+        let (bs, bl) = bounds.storage_and_layout();
+        let (ts, tl) = block_tables.storage_and_layout();
+        let (cs, cl) = plan.context_lens.storage_and_layout();
+        let (ss, sl) = scores.storage_and_layout();
+        let b_ = view::<f32>(&bs, bl, "page bounds")?;
+        let t_ = view::<u32>(&ts, tl, "block_tables")?;
+        let c_ = view::<u32>(&cs, cl, "context_lens")?;
+        let s_ = view::<f32>(&ss, sl, "scores")?;
+        let ints = [max_blocks as i32, p.rows as i32, heads as i32, p.kv_heads as i32, head_dim as i32, p.block_size as i32, p.max_pages as i32];
+        let cfg = launch1d((p.max_pages.div_ceil(4).max(1) as u32, p.kv_heads as u32, p.batch as u32), 128, 0);
+        let mut b = stream.launch_builder(&score);
+        macro_rules! go {
+            ($t:ty) => {{
+                let q_ = view::<$t>(&qs, ql, "queries")?;
+                b.arg(&q_).arg(&b_).arg(&t_).arg(&ints[0]).arg(&c_).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&ints[4]).arg(&ints[5]).arg(&s_).arg(&ints[6]);
+                unsafe { b.launch(cfg) }.w()?;
+            }};
+        }
+        match queries.dtype() {
+            DType::F32 => go!(f32),
+            DType::F16 => go!(half::f16),
+            _ => go!(half::bf16),
+        }
+    }
+    {
+        let select = function(&dev, "plan", "select_top_pages_u32")?;
+        let (ss, sl) = scores.storage_and_layout();
+        let (cs, cl) = plan.context_lens.storage_and_layout();
+        let (gs, gl) = plan.budget_pages.storage_and_layout();
+        let (ps, pl) = pages.storage_and_layout();
+        let (ns, nl) = counts.storage_and_layout();
+        let s_ = view::<f32>(&ss, sl, "scores")?;
+        let c_ = view::<u32>(&cs, cl, "context_lens")?;
+        let g_ = view::<u32>(&gs, gl, "budget_pages")?;
+        let p_ = view::<u32>(&ps, pl, "selected pages")?;
+        let n_ = view::<u32>(&ns, nl, "selected counts")?;
+        let ints = [p.max_pages as i32, p.block_size as i32, p.kv_heads as i32, p.stride.max(1) as i32];
+        let mut b = stream.launch_builder(&select);
+        b.arg(&s_).arg(&ints[0]).arg(&c_).arg(&g_).arg(&ints[1]).arg(&ints[2]).arg(&p_).arg(&n_).arg(&ints[3]);
+        unsafe { b.launch(launch1d((p.kv_heads as u32, p.batch as u32, 1), 512, 0)) }.w()?;
+    }
+    Ok(Selection { pages, counts, masks: None })
+}
+
+/// Retro's row masks for a selection: the newest row uses every listed page; an older row (state 1
+/// in `row_state` u32 `[batch, rows - 1]`; 0 = skip it) uses the pages its `seen` bitset (u32
+/// `[batch, rows - 1, kv_heads, words]`) lacks, which are then marked seen.
+pub fn retro_row_masks(plan: &DevicePlan, selection: &mut Selection, seen: &Tensor, row_state: &Tensor) -> Result<()> {
+    let p = &plan.plan;
+    let dev = cuda_device(&selection.pages, "selection")?;
+    if p.rows < 2 {
+        bail!("retro-kernels: row masks need a window of at least 2 rows, the plan has {}", p.rows);
+    }
+    check_dtype(seen, DType::U32, "seen")?;
+    check_dtype(row_state, DType::U32, "row_state")?;
+    check_dims(row_state, &[p.batch, p.rows - 1], "row_state")?;
+    let (sb, sr, sh, words) = seen.dims4()?;
+    if (sb, sr, sh) != (p.batch, p.rows - 1, p.kv_heads) || words * 32 < p.max_pages {
+        bail!("retro-kernels: seen {:?} does not fit batch {} x {} past rows x {} kv heads x {} pages", seen.dims(), p.batch, p.rows - 1, p.kv_heads, p.max_pages);
+    }
+    let masks = new_tensor::<u32>(&dev, &[p.lists(), p.stride.max(1)])?;
+    if p.lists() > 0 {
+        let func = function(&dev, "plan", "retro_row_masks")?;
+        let (ps, pl) = selection.pages.storage_and_layout();
+        let (ns, nl) = selection.counts.storage_and_layout();
+        let (ms, ml) = masks.storage_and_layout();
+        let (es, el) = seen.storage_and_layout();
+        let (rs, rl) = row_state.storage_and_layout();
+        let p_ = view::<u32>(&ps, pl, "selected pages")?;
+        let n_ = view::<u32>(&ns, nl, "selected counts")?;
+        let m_ = view::<u32>(&ms, ml, "masks")?;
+        let e_ = view::<u32>(&es, el, "seen")?;
+        let r_ = view::<u32>(&rs, rl, "row_state")?;
+        let ints = [p.stride.max(1) as i32, words as i32, p.rows as i32, p.kv_heads as i32];
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&func);
+        b.arg(&p_).arg(&n_).arg(&ints[0]).arg(&m_).arg(&e_).arg(&ints[1]).arg(&r_).arg(&ints[2]).arg(&ints[3]);
+        unsafe { b.launch(launch1d((p.kv_heads as u32, p.batch as u32, 1), 256, 0)) }.w()?;
+    }
+    selection.masks = Some(masks);
+    Ok(())
+}
+
+/// Dynamic shared memory of the decode kernel (see the layout in selected_decode.cu).
+fn decode_smem(dtype: DType, head_dim: usize, block_size: usize, maxq: usize) -> usize {
+    let k_stride = head_dim + if dtype == DType::F32 { 1 } else { 2 };
+    (maxq * head_dim + maxq * block_size + 3 * maxq) * 4
+        + block_size * (k_stride + head_dim) * dtype.size_in_bytes()
+}
+
+/// Sparse decode attention of `query [batch * rows, heads, head_dim]` over the selection: row r of
+/// sequence b attends to the listed pages whose mask has bit r, within its causal prefix (the
+/// first `context_len - (rows - 1 - r)` tokens). Returns the output in the query's dtype and the
+/// natural-log lse per (row, head) in f32 (`-inf` for a row that attended to nothing, output 0).
+/// Same semantics as `cpu::paged_decode_selected`. `softcap`: `c * tanh(s / c)` when `Some(c)`.
+#[allow(clippy::too_many_arguments)]
+pub fn selected_decode(
+    plan: &DevicePlan,
+    query: &Tensor,
+    key_cache: &Tensor,
+    value_cache: &Tensor,
+    block_tables: &Tensor,
+    selection: &Selection,
+    softmax_scale: f32,
+    softcap: Option<f32>,
+) -> Result<(Tensor, Tensor)> {
+    let p = &plan.plan;
+    let dev = cuda_device(query, "query")?;
+    let (_, kv_heads, head_dim, block_size) = cache_geometry(key_cache, value_cache)?;
+    let (qrows, heads, qdim) = query.dims3()?;
+    check_dtype(key_cache, query.dtype(), "key_cache")?;
+    if qdim != head_dim || kv_heads != p.kv_heads || block_size != p.block_size || qrows != p.batch * p.rows {
+        bail!(
+            "retro-kernels: query {:?} / caches (kv heads {kv_heads}, head dim {head_dim}, block {block_size}) do not fit the plan (batch {}, rows {}, kv heads {}, block {})",
+            query.dims(), p.batch, p.rows, p.kv_heads, p.block_size
+        );
+    }
+    if heads % kv_heads != 0 || (heads / kv_heads) * p.rows > MAX_QUERIES {
+        bail!("retro-kernels: GQA group {} x window {} exceeds {MAX_QUERIES} queries per block", heads / kv_heads.max(1), p.rows);
+    }
+    if !matches!(head_dim, 64 | 128) || !matches!(block_size, 16 | 32) {
+        bail!("retro-kernels: decode kernels are built for head dim 64/128 and block size 16/32, not {head_dim}/{block_size}");
+    }
+    check_dtype(block_tables, DType::U32, "block_tables")?;
+    let (bt_rows, max_blocks) = block_tables.dims2()?;
+    if bt_rows != p.batch || max_blocks < p.max_pages {
+        bail!("retro-kernels: block_tables {:?} too small for {} sequences of {} pages", block_tables.dims(), p.batch, p.max_pages);
+    }
+    check_dims(&selection.pages, &[p.lists(), p.stride.max(1)], "selection pages")?;
+    if let Some(c) = softcap {
+        if !(c.is_finite() && c > 0.0) {
+            bail!("retro-kernels: softcap must be a positive number, got {c}");
+        }
+    }
+    let out = new_tensor_dtype(&dev, query.dtype(), &[qrows, heads, head_dim])?;
+    let lse = new_tensor::<f32>(&dev, &[qrows, heads])?;
+    if qrows == 0 {
+        return Ok((out, lse));
+    }
+    let splits = p.splits;
+    let part_o = new_tensor::<f32>(&dev, &[splits, qrows, heads, head_dim])?;
+    let part_lse = new_tensor::<f32>(&dev, &[splits, qrows, heads])?;
+    let sfx = suffix(query.dtype(), "query")?;
+    let stream = dev.cuda_stream();
+    {
+        let maxq = queries_per_block((heads / kv_heads) * p.rows);
+        let func = function(&dev, "selected_decode", &format!("selected_decode_{sfx}_d{head_dim}_bs{block_size}_q{maxq}"))?;
+        let smem = decode_smem(query.dtype(), head_dim, block_size, maxq);
+        func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).w()?;
+        let (qs, ql) = query.storage_and_layout();
+        let (ks, kl) = key_cache.storage_and_layout();
+        let (vs, vl) = value_cache.storage_and_layout();
+        let (ts, tl) = block_tables.storage_and_layout();
+        let (cs, cl) = plan.context_lens.storage_and_layout();
+        let (ps, pl) = selection.pages.storage_and_layout();
+        let (ns, nl) = selection.counts.storage_and_layout();
+        let masks = selection.masks.as_ref().map(|m| m.storage_and_layout());
+        let (os, ol) = part_o.storage_and_layout();
+        let (ls, ll) = part_lse.storage_and_layout();
+        let t_ = view::<u32>(&ts, tl, "block_tables")?;
+        let c_ = view::<u32>(&cs, cl, "context_lens")?;
+        let p_ = view::<u32>(&ps, pl, "selection pages")?;
+        let n_ = view::<u32>(&ns, nl, "selection counts")?;
+        let m_ = match &masks {
+            Some((ms, ml)) => Some(view::<u32>(ms, ml, "selection masks")?),
+            None => None,
+        };
+        let null: u64 = 0;
+        let o_ = view::<f32>(&os, ol, "partial outputs")?;
+        let l_ = view::<f32>(&ls, ll, "partial lse")?;
+        let ints = [max_blocks as i32, p.stride.max(1) as i32, p.rows as i32, heads as i32, kv_heads as i32, p.pages_per_split as i32];
+        let floats = [softmax_scale, softcap.unwrap_or(0.0)];
+        let cfg = LaunchConfig {
+            grid_dim: (splits as u32, kv_heads as u32, p.batch as u32),
+            block_dim: (head_dim as u32, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let mut b = stream.launch_builder(&func);
+        macro_rules! go {
+            ($t:ty) => {{
+                let q_ = view::<$t>(&qs, ql, "query")?;
+                let k_ = view::<$t>(&ks, kl, "key_cache")?;
+                let v_ = view::<$t>(&vs, vl, "value_cache")?;
+                b.arg(&q_).arg(&k_).arg(&v_).arg(&t_).arg(&ints[0]).arg(&c_).arg(&p_).arg(&n_);
+                match &m_ {
+                    Some(m) => b.arg(m),
+                    None => b.arg(&null),
+                };
+                b.arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&ints[4]).arg(&floats[0]).arg(&floats[1]).arg(&ints[5]).arg(&o_).arg(&l_);
+                unsafe { b.launch(cfg) }.w()?;
+            }};
+        }
+        match query.dtype() {
+            DType::F32 => go!(f32),
+            DType::F16 => go!(half::f16),
+            _ => go!(half::bf16),
+        }
+    }
+    {
+        let func = function(&dev, "selected_decode", &format!("combine_splits_{sfx}"))?;
+        let (os, ol) = part_o.storage_and_layout();
+        let (ls, ll) = part_lse.storage_and_layout();
+        let (us, ul) = out.storage_and_layout();
+        let (es, el) = lse.storage_and_layout();
+        let o_ = view::<f32>(&os, ol, "partial outputs")?;
+        let l_ = view::<f32>(&ls, ll, "partial lse")?;
+        let e_ = view::<f32>(&es, el, "lse")?;
+        let ints = [splits as i32, qrows as i32, heads as i32, head_dim as i32];
+        let cfg = launch1d((qrows as u32, heads as u32, 1), head_dim as u32, 0);
+        let mut b = stream.launch_builder(&func);
+        macro_rules! go {
+            ($t:ty) => {{
+                let u_ = view::<$t>(&us, ul, "output")?;
+                b.arg(&o_).arg(&l_).arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&u_).arg(&e_);
+                unsafe { b.launch(cfg) }.w()?;
+            }};
+        }
+        match query.dtype() {
+            DType::F32 => go!(f32),
+            DType::F16 => go!(half::f16),
+            _ => go!(half::bf16),
+        }
+    }
+    Ok((out, lse))
+}
+
+fn new_tensor_dtype(dev: &CudaDevice, dtype: DType, dims: &[usize]) -> Result<Tensor> {
+    match dtype {
+        DType::F32 => new_tensor::<f32>(dev, dims),
+        DType::F16 => new_tensor::<half::f16>(dev, dims),
+        DType::BF16 => new_tensor::<half::bf16>(dev, dims),
+        other => bail!("retro-kernels: unsupported dtype {other:?}"),
+    }
+}
+
+/// Retro's output-cache merge: cached rows `cache_o` f32 `[n, heads, head_dim]` with `cache_lse`
+/// f32 `[n, heads]` absorb the partial results `part_o [m, heads, head_dim]` / `part_lse`
+/// `[m, heads]` over disjoint tokens, exactly by log-sum-exp; `source_row` i32 `[n]` names the
+/// partial row for each cached row, -1 for none.
+pub fn merge_rows(cache_o: &Tensor, cache_lse: &Tensor, part_o: &Tensor, part_lse: &Tensor, source_row: &Tensor) -> Result<()> {
+    let dev = cuda_device(cache_o, "cache_o")?;
+    let (n, heads, head_dim) = cache_o.dims3()?;
+    check_dtype(cache_o, DType::F32, "cache_o")?;
+    check_dims(cache_lse, &[n, heads], "cache_lse")?;
+    let (m, ph, pd) = part_o.dims3()?;
+    if (ph, pd) != (heads, head_dim) {
+        bail!("retro-kernels: partial output {:?} does not match the cache's heads x head dim", part_o.dims());
+    }
+    check_dims(part_lse, &[m, heads], "part_lse")?;
+    check_dtype(source_row, DType::I64, "source_row").or_else(|_| check_dtype(source_row, DType::U32, "source_row"))?;
+    check_dims(source_row, &[n], "source_row")?;
+    if n == 0 {
+        return Ok(());
+    }
+    // The kernel takes i32 rows; candle has no i32 dtype, so they travel as u32 bit patterns.
+    let rows = if source_row.dtype() == DType::I64 {
+        let host: Vec<i64> = source_row.to_vec1()?;
+        if let Some(bad) = host.iter().find(|&&r| r >= m as i64) {
+            bail!("retro-kernels: source_row {bad} out of range ({m} partial rows)");
+        }
+        Tensor::new(host.iter().map(|&r| r as i32 as u32).collect::<Vec<u32>>().as_slice(), cache_o.device())?
+    } else {
+        source_row.clone()
+    };
+    let func = function(&dev, "selected_decode", &format!("merge_rows_{}", suffix(part_o.dtype(), "part_o")?))?;
+    let (cs, cl) = cache_o.storage_and_layout();
+    let (es, el) = cache_lse.storage_and_layout();
+    let (ps, pl) = part_o.storage_and_layout();
+    let (ls, ll) = part_lse.storage_and_layout();
+    let (rs, rl) = rows.storage_and_layout();
+    let c_ = view::<f32>(&cs, cl, "cache_o")?;
+    let e_ = view::<f32>(&es, el, "cache_lse")?;
+    let l_ = view::<f32>(&ls, ll, "part_lse")?;
+    let r_ = view::<u32>(&rs, rl, "source_row")?;
+    let ints = [heads as i32, head_dim as i32];
+    let stream = dev.cuda_stream();
+    let cfg = launch1d((n as u32, heads as u32, 1), head_dim as u32, 0);
+    let mut b = stream.launch_builder(&func);
+    macro_rules! go {
+        ($t:ty) => {{
+            let p_ = view::<$t>(&ps, pl, "part_o")?;
+            b.arg(&c_).arg(&e_).arg(&p_).arg(&l_).arg(&r_).arg(&ints[0]).arg(&ints[1]);
+            unsafe { b.launch(cfg) }.w()?;
+        }};
+    }
+    match part_o.dtype() {
+        DType::F32 => go!(f32),
+        DType::F16 => go!(half::f16),
+        _ => go!(half::bf16),
+    }
+    Ok(())
+}

@@ -1,0 +1,105 @@
+//! Host-side planning of a sparse decode step: everything the kernels need that depends only on
+//! the batch's lengths and budgets, computed once per step and reused by every layer.
+
+/// Shapes and work partition of one decode step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DecodePlan {
+    pub batch: usize,
+    /// Query rows per sequence (the replay window; 1 for quest).
+    pub rows: usize,
+    pub kv_heads: usize,
+    pub block_size: usize,
+    /// Tokens in the cache per sequence.
+    pub context_lens: Vec<u32>,
+    /// Pages each sequence may read.
+    pub budget_pages: Vec<u32>,
+    /// Most pages any sequence has (the scores' row length).
+    pub max_pages: usize,
+    /// Most pages any list selects (the padded page lists' row length).
+    pub stride: usize,
+    /// Splits of each list, each a CUDA block of `pages_per_split` pages.
+    pub splits: usize,
+    pub pages_per_split: usize,
+}
+
+impl DecodePlan {
+    /// `target_blocks`: CUDA blocks to aim for so every SM has work (a few per SM); a long list is
+    /// split until the batch reaches it, a split never holds fewer than `min_split_pages` pages
+    /// (below that the combine costs more than the parallelism gains).
+    pub fn new(
+        context_lens: &[u32],
+        budget_pages: &[u32],
+        rows: usize,
+        kv_heads: usize,
+        block_size: usize,
+        target_blocks: usize,
+        min_split_pages: usize,
+    ) -> Self {
+        assert_eq!(context_lens.len(), budget_pages.len(), "one budget per sequence");
+        assert!(block_size > 0 && kv_heads > 0 && (1..=32).contains(&rows));
+        let pages = |tokens: u32| (tokens as usize).div_ceil(block_size);
+        let max_pages = context_lens.iter().map(|&t| pages(t)).max().unwrap_or(0);
+        let stride = context_lens
+            .iter()
+            .zip(budget_pages)
+            .map(|(&t, &b)| {
+                let p = pages(t);
+                if b as usize >= p { p } else { (b as usize).max(2).min(p) }
+            })
+            .max()
+            .unwrap_or(0);
+        let lists = context_lens.len() * kv_heads;
+        let min_split_pages = min_split_pages.max(1);
+        let max_splits = stride.div_ceil(min_split_pages).max(1);
+        let splits = target_blocks.div_ceil(lists.max(1)).clamp(1, max_splits);
+        let pages_per_split = stride.div_ceil(splits).max(1);
+        let splits = stride.div_ceil(pages_per_split).max(1);
+        Self {
+            batch: context_lens.len(),
+            rows,
+            kv_heads,
+            block_size,
+            context_lens: context_lens.to_vec(),
+            budget_pages: budget_pages.to_vec(),
+            max_pages,
+            stride,
+            splits,
+            pages_per_split,
+        }
+    }
+
+    /// Page lists, one per (sequence, KV head).
+    pub fn lists(&self) -> usize {
+        self.batch * self.kv_heads
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stride_is_the_longest_selection_and_splits_cover_it() {
+        // 1000 tokens = 63 pages of 16: budget 8 keeps 8; 20 tokens = 2 pages, budget above: all.
+        let plan = DecodePlan::new(&[1000, 20], &[8, 64], 2, 4, 16, 64, 2);
+        assert_eq!(plan.max_pages, 63);
+        assert_eq!(plan.stride, 8);
+        assert!(plan.splits * plan.pages_per_split >= plan.stride);
+        assert!((plan.splits - 1) * plan.pages_per_split < plan.stride, "no empty split");
+        assert!(plan.pages_per_split >= 2);
+    }
+
+    #[test]
+    fn a_big_batch_is_not_split_and_an_empty_one_is_harmless() {
+        let plan = DecodePlan::new(&[4096; 64], &[512; 64], 1, 8, 32, 528, 4);
+        assert_eq!((plan.stride, plan.splits, plan.pages_per_split), (128, 2, 64));
+        let empty = DecodePlan::new(&[], &[], 1, 8, 32, 528, 4);
+        assert_eq!((empty.stride, empty.splits), (0, 1));
+    }
+
+    #[test]
+    fn a_tiny_budget_still_keeps_first_and_last_page() {
+        let plan = DecodePlan::new(&[1000], &[1], 1, 1, 16, 8, 1);
+        assert_eq!(plan.stride, 2);
+    }
+}

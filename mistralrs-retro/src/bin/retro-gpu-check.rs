@@ -1,0 +1,439 @@
+//! `retro-gpu-check`: every CUDA kernel of `retro-kernels` against the CPU kernels (the reference)
+//! on fresh random data over many shapes: dtypes f32/f16/bf16, block 16/32, head dim 64/128,
+//! GQA 1/4/8, windows 1/2/4/8, ragged batches from one token to 128K tokens, sparse and full
+//! budgets, with and without soft-capping. Output buffers come from poisoned (NaN-filled) device
+//! memory, so an element a kernel forgets to write fails the check. Prints a table of max errors
+//! and exits non-zero on any failure.
+//!
+//! Built on the CPU machine with `--features cuda`, run on the GPU machine: `scripts/gpu/check.sh`.
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use mistralrs_core::kv_policy::CacheAllocation;
+use mistralrs_retro::cpu::{self, PageSelection};
+use mistralrs_retro::policy::plan::{page_bound, select_pages, PlanInputs};
+use mistralrs_retro::policy::summaries::PageSummaries;
+use retro_kernels::cuda::{self as gpu, DevicePlan};
+use retro_kernels::DecodePlan;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    /// Uniform in [-1, 1).
+    fn uniform(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len())]
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Case {
+    dtype: DType,
+    block_size: usize,
+    head_dim: usize,
+    kv_heads: usize,
+    group: usize,
+    rows: usize,
+    contexts: Vec<usize>,
+    budget_tokens: usize,
+    softcap: Option<f32>,
+}
+
+impl Case {
+    fn label(&self) -> String {
+        format!(
+            "{:?} bs{} d{} kv{}x{} w{} ctx{:?} budget{}{}",
+            self.dtype,
+            self.block_size,
+            self.head_dim,
+            self.kv_heads,
+            self.group,
+            self.rows,
+            self.contexts,
+            self.budget_tokens,
+            self.softcap.map(|c| format!(" softcap{c}")).unwrap_or_default()
+        )
+    }
+}
+
+/// Max error per (kernel, dtype), over all cases.
+#[derive(Default)]
+struct Tally {
+    rows: Vec<(String, DType, usize, f32, f32, usize)>,
+    failures: Vec<String>,
+}
+
+impl Tally {
+    fn record(&mut self, kernel: &str, dtype: DType, rel: f32, lse: f32, swaps: usize) {
+        match self.rows.iter_mut().find(|r| r.0 == kernel && r.1 == dtype) {
+            Some(r) => {
+                r.2 += 1;
+                r.3 = r.3.max(rel);
+                r.4 = r.4.max(lse);
+                r.5 += swaps;
+            }
+            None => self.rows.push((kernel.to_string(), dtype, 1, rel, lse, swaps)),
+        }
+    }
+    fn fail(&mut self, case: &Case, what: String) {
+        eprintln!("FAIL {}: {what}", case.label());
+        self.failures.push(format!("{}: {what}", case.label()));
+    }
+}
+
+fn out_tolerance(dtype: DType) -> f32 {
+    match dtype {
+        DType::F32 => 1e-4,
+        DType::F16 => 2e-3,
+        _ => 1.6e-2,
+    }
+}
+const LSE_TOLERANCE: f32 = 1e-3;
+
+fn random(rng: &mut Rng, dims: &[usize], amplitude: f32, dtype: DType) -> Result<Tensor> {
+    let n: usize = dims.iter().product();
+    let data: Vec<f32> = (0..n).map(|_| amplitude * rng.uniform()).collect();
+    Ok(Tensor::from_vec(data, dims, &Device::Cpu)?.to_dtype(dtype)?)
+}
+
+fn to_f32(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+}
+
+/// Fill and free a large device buffer with NaN so the next allocations (stream-ordered pool)
+/// start out poisoned.
+fn poison(dev: &Device) -> Result<()> {
+    let t = Tensor::full(f32::NAN, 32 << 20, dev)?;
+    drop(t);
+    Ok(())
+}
+
+/// Max |a - b| over max |b|, and whether any value of `a` is NaN.
+fn rel_error(a: &[f32], b: &[f32]) -> (f32, bool) {
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    let nan = a.iter().any(|v| v.is_nan());
+    let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    (err / scale, nan)
+}
+
+fn lse_error(a: &[f32], b: &[f32]) -> Option<f32> {
+    let mut worst = 0f32;
+    for (x, y) in a.iter().zip(b) {
+        if y.is_infinite() || x.is_infinite() {
+            if x != y {
+                return None;
+            }
+        } else {
+            worst = worst.max((x - y).abs());
+        }
+    }
+    Some(worst)
+}
+
+fn run_case(case: &Case, rng: &mut Rng, gpu_dev: &Device, tally: &mut Tally) -> Result<()> {
+    let (bs, d, kvh) = (case.block_size, case.head_dim, case.kv_heads);
+    let heads = kvh * case.group;
+    let batch = case.contexts.len();
+    let rows = case.rows;
+    let x = 16 / case.dtype.size_in_bytes();
+    let pages: Vec<usize> = case.contexts.iter().map(|c| c.div_ceil(bs)).collect();
+    let max_pages = pages.iter().copied().max().unwrap_or(0);
+    let num_blocks = pages.iter().sum::<usize>() + 3;
+    // Blocks are handed out in a random order, as a long-running cache would have them.
+    let mut free: Vec<u32> = (0..num_blocks as u32).collect();
+    for i in (1..free.len()).rev() {
+        free.swap(i, rng.below(i + 1));
+    }
+    let mut tables = vec![vec![0u32; max_pages.max(1)]; batch];
+    for (seq, &p) in pages.iter().enumerate() {
+        for page in 0..p {
+            tables[seq][page] = free.pop().expect("enough blocks");
+        }
+    }
+    let key_cache = random(rng, &[num_blocks, kvh, d / x, bs, x], 1.0, case.dtype)?;
+    let value_cache = random(rng, &[num_blocks, kvh, d, bs], 1.0, case.dtype)?;
+    let query = random(rng, &[batch * rows, heads, d], 2.0, case.dtype)?;
+    let flat_tables: Vec<u32> = tables.iter().flatten().copied().collect();
+    let block_tables = Tensor::from_vec(flat_tables, (batch, max_pages.max(1)), &Device::Cpu)?;
+    let ctx_u32: Vec<u32> = case.contexts.iter().map(|&c| c as u32).collect();
+    let context_lens = Tensor::new(ctx_u32.as_slice(), &Device::Cpu)?;
+    let scale = 1.0 / (d as f32).sqrt();
+
+    let g_key = key_cache.to_device(gpu_dev)?;
+    let g_value = value_cache.to_device(gpu_dev)?;
+    let g_query = query.to_device(gpu_dev)?;
+    let g_tables = block_tables.to_device(gpu_dev)?;
+
+    // 1. Page bounds after a prefill of every sequence.
+    let caches = [(key_cache.clone(), value_cache.clone())];
+    let alloc = CacheAllocation { block_size: bs, num_blocks, dtype: case.dtype, caches: &caches };
+    let summaries = PageSummaries::for_cache(&alloc)?;
+    let used: Vec<usize> = tables.iter().zip(&pages).flat_map(|(t, &p)| t[..p].iter().map(|&b| b as usize)).collect();
+    summaries.refresh(0, &key_cache, &used)?;
+    let slots: Vec<i64> = tables
+        .iter()
+        .zip(&case.contexts)
+        .flat_map(|(t, &c)| (0..c).map(move |tok| (t[tok / bs] as usize * bs + tok % bs) as i64))
+        .collect();
+    let g_bounds = Tensor::full(f32::NAN, (num_blocks, kvh, 2, d), gpu_dev)?;
+    gpu::refresh_page_bounds(&g_key, &Tensor::new(slots.as_slice(), gpu_dev)?, &g_bounds)?;
+    let gb = to_f32(&g_bounds)?;
+    let cpu_bounds = summaries.layer(0).clone();
+    let mut bound_mismatch = 0;
+    for &block in &used {
+        for h in 0..kvh {
+            let at = summaries.offset(block, h);
+            if gb[at..at + 2 * d] != cpu_bounds[at..at + 2 * d] {
+                bound_mismatch += 1;
+            }
+        }
+    }
+    if bound_mismatch > 0 {
+        tally.fail(case, format!("page bounds differ in {bound_mismatch} (block, kv head) pages"));
+    }
+    tally.record("refresh_page_bounds", case.dtype, if bound_mismatch > 0 { f32::INFINITY } else { 0.0 }, 0.0, 0);
+
+    // 2. Selection: quest's top pages for the newest row.
+    let budget_pages: Vec<u32> = vec![case.budget_tokens.div_ceil(bs) as u32; batch];
+    let target_blocks = 132 * 4;
+    let plan = DecodePlan::new(&ctx_u32, &budget_pages, rows, kvh, bs, target_blocks, 1 + rng.below(4));
+    let dplan = DevicePlan::upload(plan.clone(), gpu_dev)?;
+    poison(gpu_dev)?;
+    let mut g_sel = gpu::select_pages(&dplan, &g_query, &g_bounds, &g_tables)?;
+    let g_counts: Vec<u32> = g_sel.counts.to_vec1()?;
+    let g_pages: Vec<Vec<u32>> = g_sel.pages.to_vec2()?;
+    let q32 = to_f32(&query)?;
+    let budgets: Vec<usize> = budget_pages.iter().map(|&b| b as usize).collect();
+    let inputs = PlanInputs {
+        queries: &q32,
+        rows,
+        heads,
+        context_lens: &case.contexts,
+        block_tables: &tables,
+        budget_pages: &budgets,
+    };
+    let cpu_sel = select_pages(&inputs, &summaries, &cpu_bounds);
+    let mut swaps = 0;
+    for seq in 0..batch {
+        for h in 0..kvh {
+            let list = seq * kvh + h;
+            let gpu_list = &g_pages[list][..g_counts[list] as usize];
+            let cpu_list: Vec<u32> = cpu_sel.list(seq, h).iter().map(|u| u.page).collect();
+            if !gpu_list.windows(2).all(|w| w[0] < w[1]) || gpu_list.iter().any(|&p| p as usize >= pages[seq]) {
+                tally.fail(case, format!("list (seq {seq}, kv {h}) not ascending in range: {gpu_list:?}"));
+                continue;
+            }
+            if gpu_list.len() != cpu_list.len() {
+                tally.fail(case, format!("list (seq {seq}, kv {h}) has {} pages, CPU {}", gpu_list.len(), cpu_list.len()));
+                continue;
+            }
+            if gpu_list == cpu_list.as_slice() {
+                continue;
+            }
+            // Different sets are fine only where the scores tie to float rounding.
+            let score = |page: u32| -> f32 {
+                if page == 0 || page as usize == pages[seq] - 1 {
+                    return f32::INFINITY;
+                }
+                let at = summaries.offset(tables[seq][page as usize] as usize, h);
+                (0..case.group)
+                    .map(|g| {
+                        let q = ((seq * rows + rows - 1) * heads + h * case.group + g) * d;
+                        page_bound(&q32[q..q + d], &cpu_bounds[at..at + 2 * d])
+                    })
+                    .sum()
+            };
+            let only_gpu: Vec<f32> = gpu_list.iter().filter(|p| !cpu_list.contains(p)).map(|&p| score(p)).collect();
+            let only_cpu: Vec<f32> = cpu_list.iter().filter(|p| !gpu_list.contains(p)).map(|&p| score(p)).collect();
+            let lo = only_gpu.iter().copied().fold(f32::INFINITY, f32::min);
+            let hi = only_cpu.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            if lo < hi - 1e-4 * (1.0 + hi.abs()) {
+                tally.fail(case, format!("list (seq {seq}, kv {h}): GPU kept a page scoring {lo} over one scoring {hi}"));
+            }
+            swaps += only_gpu.len();
+        }
+    }
+    tally.record("select_pages", case.dtype, 0.0, 0.0, swaps);
+
+    // 3. Retro's row masks for the selection, from random row states and seen bitsets.
+    let mut masks_host: Option<Vec<Vec<u32>>> = None;
+    if rows > 1 {
+        let words = max_pages.div_ceil(32).max(1);
+        let state: Vec<u32> = (0..batch * (rows - 1)).map(|_| (rng.below(4) != 0) as u32).collect();
+        let seen: Vec<u32> = (0..batch * (rows - 1) * kvh * words).map(|_| rng.next() as u32 & rng.next() as u32).collect();
+        let g_state = Tensor::from_vec(state.clone(), (batch, rows - 1), gpu_dev)?;
+        let g_seen = Tensor::from_vec(seen.clone(), (batch, rows - 1, kvh, words), gpu_dev)?;
+        poison(gpu_dev)?;
+        gpu::retro_row_masks(&dplan, &mut g_sel, &g_seen, &g_state)?;
+        let g_masks: Vec<Vec<u32>> = g_sel.masks.as_ref().expect("masks").to_vec2()?;
+        let g_seen_after: Vec<u32> = g_seen.flatten_all()?.to_vec1()?;
+        let mut want_seen = seen.clone();
+        let mut bad = 0;
+        for seq in 0..batch {
+            for h in 0..kvh {
+                let list = seq * kvh + h;
+                for (i, &page) in g_pages[list][..g_counts[list] as usize].iter().enumerate() {
+                    let mut mask = 1u32 << (rows - 1);
+                    for r in 0..rows - 1 {
+                        if state[seq * (rows - 1) + r] != 1 {
+                            continue;
+                        }
+                        let word = ((seq * (rows - 1) + r) * kvh + h) * words + page as usize / 32;
+                        if seen[word] & (1 << (page % 32)) == 0 {
+                            mask |= 1 << r;
+                            want_seen[word] |= 1 << (page % 32);
+                        }
+                    }
+                    bad += (g_masks[list][i] != mask) as usize;
+                }
+            }
+        }
+        if bad > 0 || g_seen_after != want_seen {
+            tally.fail(case, format!("retro_row_masks: {bad} masks differ, seen bitsets {}", if g_seen_after == want_seen { "match" } else { "differ" }));
+        }
+        tally.record("retro_row_masks", case.dtype, (bad > 0) as u32 as f32, 0.0, 0);
+        masks_host = Some(g_masks);
+    }
+
+    // 4. The fused decode over the same selection (with retro's masks when rows > 1).
+    let mut selection = PageSelection::new(kvh);
+    let all_rows = if rows >= 32 { u32::MAX } else { (1u32 << rows) - 1 };
+    for list in 0..batch * kvh {
+        for (i, &page) in g_pages[list][..g_counts[list] as usize].iter().enumerate() {
+            selection.push(page, masks_host.as_ref().map_or(all_rows, |m| m[list][i]));
+        }
+        selection.finish_list();
+    }
+    let reference = cpu::paged_decode_selected(&query, &key_cache, &value_cache, &block_tables, &context_lens, &selection, scale, case.softcap)?;
+    poison(gpu_dev)?;
+    let (g_out, g_lse) = gpu::selected_decode(&dplan, &g_query, &g_key, &g_value, &g_tables, &g_sel, scale, case.softcap)?;
+    let (rel, nan) = rel_error(&to_f32(&g_out)?, &to_f32(&reference.out)?);
+    let g_lse_host = to_f32(&g_lse)?;
+    let lse = lse_error(&g_lse_host, &reference.lse);
+    let kernel = if rows > 1 { "selected_decode (retro masks)" } else { "selected_decode (quest)" };
+    if nan || rel > out_tolerance(case.dtype) || lse.map_or(true, |e| e > LSE_TOLERANCE) {
+        tally.fail(case, format!("{kernel}: rel error {rel:e}, NaN {nan}, lse error {lse:?}"));
+    }
+    tally.record(kernel, case.dtype, rel, lse.unwrap_or(f32::INFINITY), 0);
+
+    // 5. Output-cache merge of that result into random cached rows.
+    let n_cached = batch * rows;
+    let cache_o: Vec<f32> = (0..n_cached * heads * d).map(|_| rng.uniform()).collect();
+    let cache_lse: Vec<f32> = (0..n_cached * heads).map(|_| if rng.below(8) == 0 { f32::NEG_INFINITY } else { 3.0 * rng.uniform() }).collect();
+    let source: Vec<i64> = (0..n_cached).map(|_| if rng.below(5) == 0 { -1 } else { rng.below(batch * rows) as i64 }).collect();
+    let g_cache_o = Tensor::from_vec(cache_o.clone(), (n_cached, heads, d), gpu_dev)?;
+    let g_cache_lse = Tensor::from_vec(cache_lse.clone(), (n_cached, heads), gpu_dev)?;
+    let g_lse2 = g_lse.reshape((batch * rows, heads))?;
+    gpu::merge_rows(&g_cache_o, &g_cache_lse, &g_out, &g_lse2, &Tensor::new(source.as_slice(), gpu_dev)?)?;
+    let part_o = to_f32(&g_out)?;
+    let (mut want_o, mut want_lse) = (cache_o, cache_lse);
+    for (row, &src) in source.iter().enumerate() {
+        if src < 0 {
+            continue;
+        }
+        for h in 0..heads {
+            let a = row * heads + h;
+            let b = src as usize * heads + h;
+            cpu::merge_partial(&mut want_o[a * d..(a + 1) * d], &mut want_lse[a], &part_o[b * d..(b + 1) * d], g_lse_host[b]);
+        }
+    }
+    let (rel, nan) = rel_error(&to_f32(&g_cache_o)?, &want_o);
+    let lse = lse_error(&to_f32(&g_cache_lse)?, &want_lse);
+    if nan || rel > 1e-5 || lse.map_or(true, |e| e > 1e-5) {
+        tally.fail(case, format!("merge_rows: rel error {rel:e}, NaN {nan}, lse error {lse:?}"));
+    }
+    tally.record("merge_rows", case.dtype, rel, lse.unwrap_or(f32::INFINITY), 0);
+    Ok(())
+}
+
+fn cases(rng: &mut Rng, quick: bool) -> Vec<Case> {
+    let mut out = Vec::new();
+    let dtypes = [DType::F32, DType::F16, DType::BF16];
+    for &dtype in &dtypes {
+        for block_size in [16, 32] {
+            for head_dim in [64, 128] {
+                for (kv_heads, group) in [(2, 1), (2, 4), (1, 8)] {
+                    for rows in [1, 2, 4, 8] {
+                        let batch = 1 + rng.below(4);
+                        let contexts: Vec<usize> = (0..batch)
+                            .map(|_| match rng.below(6) {
+                                0 => 1 + rng.below(block_size),
+                                1 => block_size * (1 + rng.below(3)),
+                                2 => block_size * (1 + rng.below(8)) + 1,
+                                _ => 64 + rng.below(if quick { 600 } else { 4000 }),
+                            })
+                            .collect();
+                        let budget_tokens = rng.pick(&[2 * block_size, 128, 256, 1 << 30]);
+                        let softcap = (rng.below(6) == 0).then_some(30.0);
+                        out.push(Case { dtype, block_size, head_dim, kv_heads, group, rows, contexts, budget_tokens, softcap });
+                    }
+                }
+            }
+        }
+    }
+    if !quick {
+        // Long contexts in the Llama-3.1-8B layout, ragged, sparse and dense.
+        for (contexts, budget, rows) in [
+            (vec![32768], 2048, 2),
+            (vec![131072], 2048, 4),
+            (vec![131072, 7, 40000], 4096, 2),
+            (vec![32768, 1000], 1 << 30, 1),
+        ] {
+            out.push(Case { dtype: DType::BF16, block_size: 32, head_dim: 128, kv_heads: 8, group: 4, rows, contexts, budget_tokens: budget, softcap: None });
+        }
+    }
+    out
+}
+
+fn main() -> ExitCode {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let seed = std::env::var("RETRO_GPU_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_u64);
+    let gpu_dev = match Device::new_cuda(0) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("retro-gpu-check: no CUDA device: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut rng = Rng(seed | 1);
+    let all = cases(&mut rng, quick);
+    let mut tally = Tally::default();
+    let started = std::time::Instant::now();
+    for (i, case) in all.iter().enumerate() {
+        eprint!("\rretro-gpu-check: case {}/{} ", i + 1, all.len());
+        if let Err(e) = run_case(case, &mut rng, &gpu_dev, &mut tally) {
+            tally.fail(case, format!("error: {e:#}"));
+        }
+    }
+    eprintln!();
+    println!("seed {seed:#x}, {} cases in {:.1} s", all.len(), started.elapsed().as_secs_f64());
+    println!("| kernel | dtype | checks | max rel. error (out) | max lse abs. error | tie swaps |");
+    println!("|---|---|---|---|---|---|");
+    for (kernel, dtype, n, rel, lse, swaps) in &tally.rows {
+        println!("| {kernel} | {dtype:?} | {n} | {rel:.2e} | {lse:.2e} | {swaps} |");
+    }
+    println!("tolerances: out f32 {:.0e}, f16 {:.0e}, bf16 {:.1e} (max abs error / max abs reference); lse {LSE_TOLERANCE:.0e}; bounds and masks exact", out_tolerance(DType::F32), out_tolerance(DType::F16), out_tolerance(DType::BF16));
+    if tally.failures.is_empty() {
+        println!("all checks passed");
+        ExitCode::SUCCESS
+    } else {
+        println!("{} FAILURES:", tally.failures.len());
+        for f in tally.failures.iter().take(50) {
+            println!("  {f}");
+        }
+        ExitCode::FAILURE
+    }
+}
