@@ -6,3 +6,4 @@ pub mod server;
 pub mod config;
 pub mod metrics;
 pub mod validate;
+pub mod eval;

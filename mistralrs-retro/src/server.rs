@@ -20,7 +20,7 @@ use tracing::info;
 
 use crate::config::{PolicyConfig, PolicyFile, PolicySettings};
 use crate::{metrics, validate};
-use crate::policy::{self, PolicyKind, ServedPolicy};
+use crate::policy::{PolicyKind, ServedPolicy};
 
 /// Architectures (config.json `model_type`, GGUF `general.architecture`) whose decode path was
 /// checked to take a replay window (shared/REPLAY.md §2): no recurrent state, no MLA decode.
@@ -337,18 +337,35 @@ fn device(force_cpu: bool) -> Result<Device> {
 pub async fn build_engine(
     args: &ServerArgs,
 ) -> Result<(mistralrs_server_core::types::SharedMistralRsState, Option<Arc<dyn ServedPolicy>>)> {
-    let (policy_config, source) = args.validate()?;
+    let (policy_config, _) = args.validate()?;
+    // `policy::install` also sets the CPU row-split limit of the linear layers for the policy.
+    let policy = (!args.no_paged_attn).then(|| {
+        info!("{}", policy_config.describe());
+        crate::policy::install(&policy_config)
+    });
+    build_engine_with_policy(args, policy).await
+}
+
+/// [`build_engine`] with a policy built by the caller (the quality harness installs one that it
+/// can swap between runs); `None` or --no-paged-attn: upstream's eager attention.
+pub async fn build_engine_with_policy(
+    args: &ServerArgs,
+    policy: Option<Arc<dyn ServedPolicy>>,
+) -> Result<(mistralrs_server_core::types::SharedMistralRsState, Option<Arc<dyn ServedPolicy>>)> {
+    let (_, source) = args.validate()?;
     // Never reach for the hub: models are local paths.
     std::env::set_var("HF_HUB_OFFLINE", "1");
 
     let paged = args.paged_attn_config()?;
-    let installed = if paged.is_some() {
-        let installed = policy::install(&policy_config);
-        info!("{}", policy_config.describe());
-        Some(installed)
-    } else {
-        info!("paged attention disabled (--no-paged-attn): upstream eager attention, kv-policy unused");
-        None
+    let installed = match (&paged, policy) {
+        (Some(_), Some(policy)) => {
+            mistralrs_core::kv_policy::register_kv_policy(policy.clone());
+            Some(policy)
+        }
+        _ => {
+            info!("paged attention disabled (--no-paged-attn): upstream eager attention, kv-policy unused");
+            None
+        }
     };
 
     let dtype: ModelDType = args.dtype.parse().map_err(|e: String| anyhow::anyhow!(e))?;

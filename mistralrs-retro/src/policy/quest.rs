@@ -1,5 +1,6 @@
 //! `quest`: per KV head, the top pages by their key bounds (Quest, ICML 2024), on CPU.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -25,12 +26,26 @@ pub struct QuestPolicy {
     pub(super) budget: Budget,
     pub(super) dense_layers: usize,
     summaries: RwLock<Option<Arc<PageSummaries>>>,
+    /// Budgets that replace `budget` for single sequences (the quality harness, `crate::eval`,
+    /// runs several budgets in one batch). Empty when serving.
+    sequence_budgets: RwLock<HashMap<usize, Budget>>,
     pub stats: SparseStats,
 }
 
 impl QuestPolicy {
     pub fn new(budget: Budget, dense_layers: usize) -> Self {
-        Self { budget, dense_layers, summaries: RwLock::new(None), stats: SparseStats::default() }
+        Self {
+            budget,
+            dense_layers,
+            summaries: RwLock::new(None),
+            sequence_budgets: RwLock::new(HashMap::new()),
+            stats: SparseStats::default(),
+        }
+    }
+
+    /// Give sequence `seq_id` its own budget (instead of the policy's).
+    pub fn set_sequence_budget(&self, seq_id: usize, budget: Budget) {
+        self.sequence_budgets.write().expect("lock poisoned").insert(seq_id, budget);
     }
 
     pub(super) fn summaries(&self) -> Result<Arc<PageSummaries>> {
@@ -52,12 +67,22 @@ pub(crate) struct StepPlan {
 impl QuestPolicy {
     /// Plan a sparse layer's step. A budget that covers a sequence still goes through plan + run
     /// (select_pages keeps every page), so "budget >= context equals full" tests the sparse path itself.
-    pub(super) fn plan(&self, attn: &DecodeAttention<'_>, layer: usize) -> Result<StepPlan> {
+    pub(super) fn plan(&self, seq_ids: &[usize], attn: &DecodeAttention<'_>, layer: usize) -> Result<StepPlan> {
         super::full::check_supported(attn)?;
         let summaries = self.summaries()?;
         let tables = StepTables::read(attn)?;
-        let budget_pages: Vec<usize> =
-            tables.context_lens.iter().map(|&c| self.budget.pages(c, summaries.block_size)).collect();
+        let budget_pages: Vec<usize> = {
+            let own = self.sequence_budgets.read().expect("lock poisoned");
+            tables
+                .context_lens
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| {
+                    let budget = seq_ids.get(i).and_then(|id| own.get(id)).unwrap_or(&self.budget);
+                    budget.pages(c, summaries.block_size)
+                })
+                .collect()
+        };
         let (rows_total, heads, _) = attn.query.dims3()?;
         let rows = rows_total / tables.context_lens.len();
         let queries = attn.query.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
@@ -148,7 +173,7 @@ impl KvPolicy for QuestPolicy {
             return super::full::decode_every_page(attn).map(Some);
         }
         let layer = batch.layer.expect("sparse layers have an index");
-        let StepPlan { summaries, tables, selection } = self.plan(attn, layer)?;
+        let StepPlan { summaries, tables, selection } = self.plan(batch.seq_ids, attn, layer)?;
         self.record_pages(layer, pages_read(&selection) as u64, &tables, &summaries);
         let result = cpu::paged_decode_selected(
             attn.query, attn.key_cache, attn.value_cache, attn.block_tables, attn.context_lens,
@@ -159,6 +184,7 @@ impl KvPolicy for QuestPolicy {
 
     fn sequence_freed(&self, seq_id: usize) {
         super::note_freed(seq_id);
+        self.sequence_budgets.write().expect("lock poisoned").remove(&seq_id);
     }
 
     fn sequence_preempted(&self, seq_id: usize) {

@@ -30,6 +30,9 @@ pub struct RetroPolicy {
     quest: QuestPolicy,
     window: usize,
     pool: OutputCachePool,
+    /// Numbers of finished sequences, by sequence id, when `keep_sequence_numbers` is on (the
+    /// quality harness reads exposure per sequence).
+    finished: std::sync::Mutex<Option<std::collections::HashMap<usize, super::output_cache::SequenceNumbers>>>,
 }
 
 /// What a past row of the window needs this step.
@@ -51,7 +54,23 @@ impl RetroPolicy {
             quest: QuestPolicy::new(budget, dense_layers),
             window,
             pool: OutputCachePool::new(output_cache_blocks, window),
+            finished: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The Quest policy underneath (page plan, budgets).
+    pub fn quest(&self) -> &QuestPolicy {
+        &self.quest
+    }
+
+    /// Keep each finished sequence's numbers for [`Self::sequence_numbers`].
+    pub fn keep_sequence_numbers(&self) {
+        self.finished.lock().expect("lock poisoned").get_or_insert_with(Default::default);
+    }
+
+    /// A finished sequence's numbers (exposure, supplement pages), if kept.
+    pub fn sequence_numbers(&self, seq_id: usize) -> Option<super::output_cache::SequenceNumbers> {
+        self.finished.lock().expect("lock poisoned").as_ref()?.get(&seq_id).copied()
     }
 
     /// Prompt steps record how much of each sequence is dense; a sequence's first decode step
@@ -104,7 +123,7 @@ impl RetroPolicy {
 
     /// One sparse layer's attention for a window of `rows` rows per sequence.
     fn decode_window(&self, batch: &BatchInfo<'_>, attn: &DecodeAttention<'_>, layer: usize, rows: usize) -> Result<Tensor> {
-        let StepPlan { summaries, tables, selection: plan } = self.quest.plan(attn, layer)?;
+        let StepPlan { summaries, tables, selection: plan } = self.quest.plan(batch.seq_ids, attn, layer)?;
         let (block_size, kv_heads) = (summaries.block_size, summaries.kv_heads);
         let (rows_total, heads, head_dim) = attn.query.dims3()?;
         let batch_len = tables.context_lens.len();
@@ -333,6 +352,9 @@ impl KvPolicy for RetroPolicy {
         let mut inner = self.pool.lock();
         if let Some(state) = self.pool.release(&mut inner, seq_id) {
             let n = state.numbers;
+            if let Some(kept) = self.finished.lock().expect("lock poisoned").as_mut() {
+                kept.insert(seq_id, n);
+            }
             debug!(
                 "kv-policy=retro: sequence {seq_id} done: {} pages loaded, {} supplement pages, exposure {}",
                 n.pages_loaded,
