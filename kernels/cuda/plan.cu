@@ -12,37 +12,53 @@
 //     "supplement"), after which the page is marked seen.
 #include "common.cuh"
 
-// grid: (ceil(max_pages / WARPS), kv_heads, batch); block: 32 * WARPS. One warp per page.
+// grid: (ceil(max_pages / (WARPS * PAGES_PER_WARP)), kv_heads, batch); block: 32 * WARPS.
+// The block's GQA queries (newest row) are staged once in shared memory as f32; each warp then scores
+// PAGES_PER_WARP pages, lane l reading channels 4l.. of the bounds with 16-byte loads.
+constexpr int SCORE_PAGES_PER_WARP = 8;
+constexpr int SCORE_MAX_QUERY_FLOATS = 8 * 256;  // GQA group <= 8, head_dim <= 256
+
 template <typename T, int WARPS>
 __device__ void score_pages(const T* __restrict__ queries, const float* __restrict__ bounds,
                             const uint32_t* __restrict__ block_tables, int max_blocks_per_seq,
                             const uint32_t* __restrict__ context_lens, int rows, int heads,
                             int kv_heads, int head_dim, int block_size,
                             float* __restrict__ scores, int max_pages) {
+  __shared__ __align__(16) float q_s[SCORE_MAX_QUERY_FLOATS];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int page = blockIdx.x * WARPS + warp, h = blockIdx.y, seq = blockIdx.z;
+  const int h = blockIdx.y, seq = blockIdx.z;
   const int pages = (context_lens[seq] + block_size - 1) / block_size;
-  if (page >= pages) return;
-  float* out = scores + ((int64_t)seq * kv_heads + h) * max_pages;
-  if (page == 0 || page == pages - 1) {
-    if (lane == 0) out[page] = INFINITY;
-    return;
-  }
+  const int first = blockIdx.x * WARPS * SCORE_PAGES_PER_WARP;
+  if (first >= pages) return;
   const int group = heads / kv_heads;
-  const uint32_t block = block_tables[(int64_t)seq * max_blocks_per_seq + page];
-  const float* lo = bounds + ((int64_t)block * kv_heads + h) * 2 * head_dim;
-  const float* hi = lo + head_dim;
   const T* q = queries + (((int64_t)seq * rows + rows - 1) * heads + (int64_t)h * group) * head_dim;
-  float acc = 0.f;
-  for (int g = 0; g < group; ++g) {
-    for (int d = lane; d < head_dim; d += 32) {
-      const float qd = to_f32(q[g * head_dim + d]);
-      acc += fmaxf(qd * lo[d], qd * hi[d]);
+  for (int i = threadIdx.x; i < group * head_dim; i += blockDim.x) q_s[i] = to_f32(q[i]);
+  __syncthreads();
+  float* out = scores + ((int64_t)seq * kv_heads + h) * max_pages;
+  const uint32_t* table = block_tables + (int64_t)seq * max_blocks_per_seq;
+  for (int k = 0; k < SCORE_PAGES_PER_WARP; ++k) {
+    const int page = first + warp * SCORE_PAGES_PER_WARP + k;
+    if (page >= pages) break;
+    if (page == 0 || page == pages - 1) {
+      if (lane == 0) out[page] = INFINITY;
+      continue;
     }
-  }
+    const float* lo = bounds + ((int64_t)table[page] * kv_heads + h) * 2 * head_dim;
+    const float* hi = lo + head_dim;
+    float acc = 0.f;
+    for (int d = 4 * lane; d < head_dim; d += 128) {
+      const float4 l4 = *reinterpret_cast<const float4*>(lo + d);
+      const float4 h4 = *reinterpret_cast<const float4*>(hi + d);
+      for (int g = 0; g < group; ++g) {
+        const float4 q4 = *reinterpret_cast<const float4*>(q_s + g * head_dim + d);
+        acc += fmaxf(q4.x * l4.x, q4.x * h4.x) + fmaxf(q4.y * l4.y, q4.y * h4.y) +
+               fmaxf(q4.z * l4.z, q4.z * h4.z) + fmaxf(q4.w * l4.w, q4.w * h4.w);
+      }
+    }
 #pragma unroll
-  for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-  if (lane == 0) out[page] = acc;
+    for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (lane == 0) out[page] = acc;
+  }
 }
 
 #define RETRO_SCORE(T, NAME)                                                                     \

@@ -214,6 +214,9 @@ pub fn select_pages(plan: &DevicePlan, queries: &Tensor, bounds: &Tensor, block_
     if bt_rows != p.batch || max_blocks < p.max_pages {
         bail!("retro-kernels: block_tables {:?} too small for {} sequences of {} pages", block_tables.dims(), p.batch, p.max_pages);
     }
+    if head_dim % 4 != 0 || (heads / p.kv_heads) * head_dim > 8 * 256 {
+        bail!("retro-kernels: page scoring needs head dim % 4 == 0 and GQA group x head dim <= 2048, got {} x {head_dim}", heads / p.kv_heads);
+    }
     let lists = p.lists();
     let pages = new_tensor::<u32>(&dev, &[lists, p.stride.max(1)])?;
     let counts = new_tensor::<u32>(&dev, &[lists])?;
@@ -236,7 +239,8 @@ pub fn select_pages(plan: &DevicePlan, queries: &Tensor, bounds: &Tensor, block_
         let c_ = view::<u32>(&cs, cl, "context_lens")?;
         let s_ = view::<f32>(&ss, sl, "scores")?;
         let ints = [max_blocks as i32, p.rows as i32, heads as i32, p.kv_heads as i32, head_dim as i32, p.block_size as i32, p.max_pages as i32];
-        let cfg = launch1d((p.max_pages.div_ceil(4).max(1) as u32, p.kv_heads as u32, p.batch as u32), 128, 0);
+        // 4 warps of 8 pages per block (SCORE_PAGES_PER_WARP in plan.cu).
+        let cfg = launch1d((p.max_pages.div_ceil(32).max(1) as u32, p.kv_heads as u32, p.batch as u32), 128, 0);
         let mut b = stream.launch_builder(&score);
         macro_rules! go {
             ($t:ty) => {{
