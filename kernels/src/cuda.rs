@@ -30,29 +30,52 @@ fn queries_per_block(nq: usize) -> usize {
 }
 
 type ModuleKey = (usize, &'static str);
-fn modules() -> &'static Mutex<HashMap<ModuleKey, Arc<CudaModule>>> {
-    static MODULES: OnceLock<Mutex<HashMap<ModuleKey, Arc<CudaModule>>>> = OnceLock::new();
-    MODULES.get_or_init(Default::default)
+type FunctionKey = (usize, String);
+
+#[derive(Default)]
+struct Loaded {
+    modules: HashMap<ModuleKey, Arc<CudaModule>>,
+    functions: HashMap<FunctionKey, CudaFunction>,
+}
+
+fn loaded() -> &'static Mutex<Loaded> {
+    static LOADED: OnceLock<Mutex<Loaded>> = OnceLock::new();
+    LOADED.get_or_init(Default::default)
 }
 
 /// A kernel of one of our cubins, loaded once per CUDA context.
 fn function(dev: &CudaDevice, module: &'static str, name: &str) -> Result<CudaFunction> {
+    function_with(dev, module, name, |_| Ok(()))
+}
+
+/// [`function`], running `on_load` (e.g. setting attributes) the one time the kernel is loaded, so
+/// a decode step pays a map lookup, not driver calls, per launch.
+fn function_with(
+    dev: &CudaDevice,
+    module: &'static str,
+    name: &str,
+    on_load: impl FnOnce(&CudaFunction) -> Result<()>,
+) -> Result<CudaFunction> {
     let stream = dev.cuda_stream();
     let ctx = stream.context();
-    let key = (Arc::as_ptr(ctx) as usize, module);
-    let loaded = {
-        let mut map = modules().lock().expect("retro-kernels module cache poisoned");
-        match map.get(&key) {
-            Some(m) => m.clone(),
-            None => {
-                let image = CUBINS.iter().find(|(n, _)| *n == module).expect("known module").1;
-                let m = ctx.load_module(Ptx::from_binary(image.to_vec())).w()?;
-                map.insert(key, m.clone());
-                m
-            }
+    let ctx_key = Arc::as_ptr(ctx) as usize;
+    let mut cache = loaded().lock().expect("retro-kernels kernel cache poisoned");
+    if let Some(f) = cache.functions.get(&(ctx_key, name.to_string())) {
+        return Ok(f.clone());
+    }
+    let module_handle = match cache.modules.get(&(ctx_key, module)) {
+        Some(m) => m.clone(),
+        None => {
+            let image = CUBINS.iter().find(|(n, _)| *n == module).expect("known module").1;
+            let m = ctx.load_module(Ptx::from_binary(image.to_vec())).w()?;
+            cache.modules.insert((ctx_key, module), m.clone());
+            m
         }
     };
-    loaded.load_function(name).w()
+    let f = module_handle.load_function(name).w()?;
+    on_load(&f)?;
+    cache.functions.insert((ctx_key, name.to_string()), f.clone());
+    Ok(f)
 }
 
 fn cuda_device(t: &Tensor, what: &str) -> Result<CudaDevice> {
@@ -377,9 +400,11 @@ pub fn selected_decode(
     let stream = dev.cuda_stream();
     {
         let maxq = queries_per_block((heads / kv_heads) * p.rows);
-        let func = function(&dev, "selected_decode", &format!("selected_decode_{sfx}_d{head_dim}_bs{block_size}_q{maxq}"))?;
         let smem = decode_smem(query.dtype(), head_dim, block_size, maxq);
-        func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).w()?;
+        let name = format!("selected_decode_{sfx}_d{head_dim}_bs{block_size}_q{maxq}");
+        let func = function_with(&dev, "selected_decode", &name, |f| {
+            f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).w()
+        })?;
         let (qs, ql) = query.storage_and_layout();
         let (ks, kl) = key_cache.storage_and_layout();
         let (vs, vl) = value_cache.storage_and_layout();

@@ -537,9 +537,8 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
                     }
                 }
                 let assigned = Arc::new(Mutex::new(Vec::new()));
-                // As `policy::install` does when serving: sparse decode steps run CPU linear layers of
-                // 2..=8 rows row by row; full keeps upstream's single matmul.
-                mistralrs_quant::set_cpu_row_split_limit(if kind == Kind::Full { 0 } else { 8 });
+                // As `policy::install` does when serving (the switch installs no policy itself).
+                crate::policy::set_cpu_row_split_for(if kind == Kind::Full { crate::policy::PolicyKind::Full } else { crate::policy::PolicyKind::Quest });
                 switch.switch_to(policy.served.clone(), Some(budget_hook(policy.clone(), order.clone(), assigned.clone())))?;
                 let t = Instant::now();
                 run_batch(&engine, jobs).await?;

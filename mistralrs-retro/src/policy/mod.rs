@@ -152,18 +152,23 @@ impl PolicyConfig {
 /// it gemm's packed path is as fast (measured on SmolLM2-135M's shapes, see patches/README.md).
 const CPU_ROW_SPLIT_LIMIT: usize = 8;
 
-/// Register the policy with mistral.rs. Must run before the model (and its KV cache) is loaded.
-pub fn install(config: &PolicyConfig) -> Arc<dyn ServedPolicy> {
-    // Sparse decode steps feed 1..=window rows per sequence through every linear layer; on CPU
-    // gemm's packed path makes 2..8-row products several times slower than the one-row path, so
-    // those run row by row (patch mistralrs-quant/0001). `full` keeps upstream's arithmetic.
-    // RETRO_CPU_ROW_SPLIT_LIMIT overrides it (0 = upstream's single matmul), for side-by-side benches.
+/// Set how CPU linear layers treat small row counts for a policy about to run. Sparse decode steps
+/// feed 1..=window rows per sequence through every linear layer; on CPU gemm's packed path makes
+/// 2..8-row products several times slower than the one-row path, so those run row by row (patch
+/// mistralrs-quant/0001). `full` keeps upstream's arithmetic. RETRO_CPU_ROW_SPLIT_LIMIT overrides
+/// it (0 = upstream's single matmul), for side-by-side benches.
+pub fn set_cpu_row_split_for(kind: PolicyKind) {
     let limit = match std::env::var("RETRO_CPU_ROW_SPLIT_LIMIT").ok().and_then(|v| v.parse().ok()) {
         Some(limit) => limit,
-        None if config.kind == PolicyKind::Full => 0,
+        None if kind == PolicyKind::Full => 0,
         None => CPU_ROW_SPLIT_LIMIT,
     };
     mistralrs_quant::set_cpu_row_split_limit(limit);
+}
+
+/// Register the policy with mistral.rs. Must run before the model (and its KV cache) is loaded.
+pub fn install(config: &PolicyConfig) -> Arc<dyn ServedPolicy> {
+    set_cpu_row_split_for(config.kind);
     let policy = config.build();
     register_kv_policy(policy.clone());
     policy
