@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{run_server_expecting_exit, smollm2_dir, workspace_root, Server};
+use common::{long_prompt, run_server_expecting_exit, smollm2_dir, Server};
 
 const PROMPTS: [&str; 3] = [
     "What is the capital of France? Answer in one sentence, then name two famous landmarks there.",
@@ -20,15 +20,6 @@ fn greedy_chats(policy_args: &[&str], prompts: &[String], max_tokens: usize) -> 
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let server = Server::start(&args);
     prompts.iter().map(|p| server.greedy_chat(p, max_tokens)).collect()
-}
-
-/// About 1.4K tokens of Verne's "In the year 2889" (public domain, from reasoning-gym), and a task.
-fn long_prompt() -> String {
-    let text = std::fs::read_to_string(workspace_root().join("models/text/in_the_year_2889.txt"))
-        .expect("run scripts/fetch-text.sh");
-    let start = text.find("Little though they seem to think of it").expect("passage start");
-    let excerpt: String = text[start..].chars().take(6000).collect();
-    format!("Read this passage and summarize what it describes.\n\n{excerpt}")
 }
 
 /// Oracle (a) end to end: with a budget that covers the whole context, every page is selected and

@@ -7,3 +7,4 @@ pub mod config;
 pub mod metrics;
 pub mod validate;
 pub mod eval;
+pub mod tp;

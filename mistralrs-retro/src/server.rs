@@ -21,6 +21,7 @@ use tracing::info;
 use crate::config::{PolicyConfig, PolicyFile, PolicySettings};
 use crate::{metrics, validate};
 use crate::policy::{PolicyKind, ServedPolicy};
+use crate::tp::RingRank;
 
 /// Architectures (config.json `model_type`, GGUF `general.architecture`) whose decode path was
 /// checked to take a replay window (shared/REPLAY.md §2): no recurrent state, no MLA decode.
@@ -337,13 +338,60 @@ fn device(force_cpu: bool) -> Result<Device> {
 pub async fn build_engine(
     args: &ServerArgs,
 ) -> Result<(mistralrs_server_core::types::SharedMistralRsState, Option<Arc<dyn ServedPolicy>>)> {
+    let policy = install_policy(args)?;
+    build_engine_with_policy(args, policy).await
+}
+
+/// The policy the flags and config file select, installed (`None` with --no-paged-attn).
+fn install_policy(args: &ServerArgs) -> Result<Option<Arc<dyn ServedPolicy>>> {
     let (policy_config, _) = args.validate()?;
     // `policy::install` also sets the CPU row-split limit of the linear layers for the policy.
-    let policy = (!args.no_paged_attn).then(|| {
+    Ok((!args.no_paged_attn).then(|| {
         info!("{}", policy_config.describe());
         crate::policy::install(&policy_config)
-    });
-    build_engine_with_policy(args, policy).await
+    }))
+}
+
+/// The `/metrics` text: HTTP numbers, the policy's, the KV pool's and the tensor-parallel rank.
+fn metrics_text(http: &metrics::HttpMetrics, policy: Option<&dyn ServedPolicy>, ring: Option<&RingRank>) -> String {
+    let mut text = metrics::render(http, policy, mistralrs_core::kv_policy::free_kv_blocks());
+    text.push_str(&crate::tp::metrics_text(ring));
+    text
+}
+
+fn metrics_route(
+    http: Arc<metrics::HttpMetrics>,
+    policy: Option<Arc<dyn ServedPolicy>>,
+    ring: Option<RingRank>,
+) -> axum::routing::MethodRouter {
+    axum::routing::get(move || {
+        let text = metrics_text(&http, policy.as_deref(), ring.as_ref());
+        async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text) }
+    })
+}
+
+async fn bind(args: &ServerArgs) -> Result<(tokio::net::TcpListener, SocketAddr)> {
+    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("cannot bind --host {} --port {}", args.host, args.port))?;
+    let addr = listener.local_addr()?;
+    Ok((listener, addr))
+}
+
+/// A ring rank other than 0. Upstream's engine there takes its requests from rank 0 and never
+/// returns, so this process serves only its own `/metrics` (its heads' policy numbers and KV pool)
+/// and `/health`, on --host/--port, from before the model loads.
+async fn serve_worker(args: &ServerArgs, ring: RingRank) -> Result<()> {
+    let policy = install_policy(args)?;
+    let (listener, addr) = bind(args).await?;
+    let app = axum::Router::new()
+        .route("/metrics", metrics_route(Arc::default(), policy.clone(), Some(ring.clone())))
+        .route("/health", axum::routing::get(|| async { "ok" }));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    info!("tensor-parallel worker rank {} of {}: its metrics on http://{addr}/metrics", ring.rank, ring.world_size);
+    println!("mistralrs-server rank {} of {}: worker, metrics on http://{addr}/metrics", ring.rank, ring.world_size);
+    build_engine_with_policy(args, policy).await?;
+    bail!("tensor-parallel worker rank {}: the engine returned, which upstream's worker never does", ring.rank)
 }
 
 /// [`build_engine`] with a policy built by the caller (the quality harness installs one that it
@@ -408,6 +456,15 @@ pub async fn build_engine_with_policy(
 
 /// Serve until SIGINT/SIGTERM.
 pub async fn serve(args: ServerArgs) -> Result<()> {
+    let ring = crate::tp::ring_rank()?;
+    if let Some(ring) = &ring {
+        let (_, source) = args.validate()?;
+        crate::tp::check_model(ring, &source)?;
+        info!("tensor parallel: rank {} of {} (ring backend, {})", ring.rank, ring.world_size, ring.config.display());
+        if ring.rank != 0 {
+            return serve_worker(&args, ring.clone()).await;
+        }
+    }
     let (engine, installed) = build_engine(&args).await?;
     let limits = Arc::new(request_limits(&args, &engine));
     let http = Arc::new(metrics::HttpMetrics::default());
@@ -416,13 +473,7 @@ pub async fn serve(args: ServerArgs) -> Result<()> {
         .with_mistralrs(engine)
         .build()
         .await?
-        .route(
-            "/metrics",
-            axum::routing::get(move || {
-                let text = metrics::render(&http, installed.as_deref(), mistralrs_core::kv_policy::free_kv_blocks());
-                async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text) }
-            }),
-        )
+        .route("/metrics", metrics_route(http, installed, ring))
         .layer(axum::middleware::from_fn(move |request: axum::extract::Request, next: axum::middleware::Next| {
             let limits = limits.clone();
             async move { check_request(request, next, &limits).await }
@@ -437,10 +488,7 @@ pub async fn serve(args: ServerArgs) -> Result<()> {
                 response
             }
         }));
-    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
-        .await
-        .with_context(|| format!("cannot bind --host {} --port {}", args.host, args.port))?;
-    let addr: SocketAddr = listener.local_addr()?;
+    let (listener, addr) = bind(&args).await?;
     info!("listening on http://{addr}");
     println!("mistralrs-server ready on http://{addr}");
     println!(

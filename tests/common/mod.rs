@@ -2,6 +2,7 @@
 //! HTTP/1.1 to it with nothing but std, and stop it.
 #![allow(dead_code)]
 
+pub mod tp_model;
 pub mod zoo;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -19,6 +20,15 @@ pub fn workspace_root() -> PathBuf {
 
 pub fn server_exe() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_mistralrs-server"))
+}
+
+/// About 1.4K tokens of Verne's "In the year 2889" (public domain, from reasoning-gym), and a task.
+pub fn long_prompt() -> String {
+    let text = std::fs::read_to_string(workspace_root().join("models/text/in_the_year_2889.txt"))
+        .expect("run scripts/fetch-text.sh");
+    let start = text.find("Little though they seem to think of it").expect("passage start");
+    let excerpt: String = text[start..].chars().take(6000).collect();
+    format!("Read this passage and summarize what it describes.\n\n{excerpt}")
 }
 
 /// The f32 SmolLM2 directory; `scripts/fetch-smollm2.sh` creates it (the test command runs it).
@@ -57,6 +67,8 @@ pub fn run_server_expecting_exit(args: &[&str]) -> (i32, String) {
 pub struct Server {
     child: Child,
     pub port: u16,
+    /// Tensor-parallel worker ranks' `/metrics` ports (`scripts/serve-tp.sh`), in the order they started.
+    pub worker_ports: Vec<u16>,
     /// Behind a mutex so a `&Server` can be shared by client threads.
     log: Mutex<mpsc::Receiver<String>>,
 }
@@ -71,7 +83,15 @@ impl Server {
 
     /// [`Server::start`] with extra environment variables for the server process.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
-        let mut child = Command::new(server_exe())
+        Self::start_command(&[server_exe().to_str().unwrap()], args, env)
+    }
+
+    /// [`Server::start_with_env`] through `command` (program and leading arguments), which takes
+    /// the server's flags after its own: e.g. `["bash", "scripts/serve-tp.sh", "2"]` starts two
+    /// tensor-parallel ranks and passes the flags on.
+    pub fn start_command(command: &[&str], args: &[&str], env: &[(&str, &str)]) -> Server {
+        let mut child = Command::new(command[0])
+            .args(&command[1..])
             .args(["--port", "0", "--host", "127.0.0.1", "--dtype", "f32"])
             .args(args)
             .current_dir(workspace_root())
@@ -92,8 +112,13 @@ impl Server {
         });
         let stdout = child.stdout.take().unwrap();
         let (port_tx, port_rx) = mpsc::channel();
+        let (worker_tx, worker_rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("worker, metrics on http://").nth(1) {
+                    let port = rest.trim_end_matches("/metrics").rsplit(':').next().and_then(|p| p.trim().parse::<u16>().ok());
+                    let _ = worker_tx.send(port.expect("worker metrics port"));
+                }
                 if let Some(rest) = line.split("ready on http://").nth(1) {
                     let port = rest.rsplit(':').next().and_then(|p| p.trim().parse::<u16>().ok());
                     let _ = port_tx.send(port);
@@ -102,7 +127,7 @@ impl Server {
             }
         });
         match port_rx.recv_timeout(Duration::from_secs(300)) {
-            Ok(Some(port)) => Server { child, port, log: Mutex::new(log) },
+            Ok(Some(port)) => Server { child, port, worker_ports: worker_rx.try_iter().collect(), log: Mutex::new(log) },
             other => {
                 let _ = child.kill();
                 let lines: Vec<String> = log.try_iter().collect();

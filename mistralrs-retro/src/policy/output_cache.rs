@@ -122,6 +122,11 @@ impl OutputCacheBlock {
         }
     }
 
+    /// Heap bytes the block's rows hold (outputs, lse, seen bitsets), whether occupied or not.
+    pub fn bytes(&self) -> usize {
+        self.rows.iter().map(|r| 4 * (r.out.capacity() + r.lse.capacity()) + 8 * r.seen.capacity()).sum()
+    }
+
     fn clear(&mut self) {
         for row in &mut self.rows {
             row.pos = None;
@@ -210,6 +215,14 @@ impl OutputCachePool {
         self.capacity
     }
 
+    /// Heap bytes of every block created so far (in use or free). Rows hold this process's query
+    /// heads only, so under tensor parallelism it is the rank's share.
+    pub fn bytes(&self) -> usize {
+        let inner = self.lock();
+        let held = inner.sequences.values().filter_map(|s| s.block.as_ref());
+        inner.free.iter().chain(held).map(OutputCacheBlock::bytes).sum()
+    }
+
     pub fn lock(&self) -> MutexGuard<'_, PoolInner> {
         self.inner.lock().expect("output-cache pool lock poisoned")
     }
@@ -265,6 +278,13 @@ mod tests {
         assert_eq!(pool.totals.blocks_in_use.load(Ordering::Relaxed), 1);
         assert!(pool.take(&mut inner, 4).is_some(), "a returned block is reused");
         drop(b);
+        drop(inner);
+        assert_eq!(pool.bytes(), 0, "no row written yet");
+        let mut block = OutputCacheBlock::new(1, 1);
+        block.slot(0, 0).reset(0, 2, 100, &[0.0; 6], &[0.0; 3]);
+        assert!(block.bytes() >= 4 * 9 + 8 * 2, "{}", block.bytes());
+        pool.lock().free.push(block);
+        assert!(pool.bytes() >= 4 * 9 + 8 * 2);
     }
 
     #[test]

@@ -200,9 +200,13 @@ impl KvPolicy for QuestPolicy {
 impl super::PolicyMetrics for QuestPolicy {
     fn metrics(&self) -> Vec<super::Metric> {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+        let summaries = self.summaries.read().expect("lock poisoned").clone();
+        let (kv_heads, summary_bytes) = summaries.map_or((0.0, 0.0), |s| (s.kv_heads as f64, s.bytes() as f64));
         vec![
             super::Metric::counter("pages_loaded_total", "(page, KV head) pairs the sparse layers read", load(&self.stats.pages_loaded)),
             super::Metric::counter("pages_full_total", "(page, KV head) pairs full attention would have read in those layers", load(&self.stats.pages_total)),
+            super::Metric::gauge("cache_kv_heads", "KV heads per layer in this process's paged cache (a tensor-parallel rank's share)", kv_heads),
+            super::Metric::gauge("page_summary_bytes", "Bytes of the page summaries (per-page key bounds) this process keeps", summary_bytes),
         ]
     }
 }
