@@ -119,3 +119,35 @@ fn retro_at_a_small_budget_on_two_ranks_is_per_rank_and_pinned() {
     assert_eq!(tp2, tp1, "retro at a 64-token budget: TP=2 differs from TP=1");
     insta::assert_snapshot!("tp2_retro_w4_budget64", tp2);
 }
+
+/// A ring build without RING_CONFIG, RING_CONFIG in a normal build, a GGUF model and a bad ring file
+/// each stop the server before it loads anything, with an error that names the problem.
+#[test]
+fn misconfigured_tensor_parallelism_fails_fast_and_says_why() {
+    let ring = workspace_root().join("target/ring/mistralrs-server");
+    let dir = workspace_root().join("target/tp");
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad-ring.json");
+    std::fs::write(&bad, r#"{"rank":0,"world_size":3,"master_port":29400,"port":29401,"right_port":29402}"#).unwrap();
+    let good = dir.join("rank0-ring.json");
+    std::fs::write(&good, r#"{"rank":0,"world_size":2,"master_port":29400,"port":29401,"right_port":29402}"#).unwrap();
+    let model = model();
+    let gguf = common::smollm2_gguf();
+    let cases: [(&std::path::Path, Option<&std::path::Path>, &str, &str); 4] = [
+        (&ring, None, &model, "set RING_CONFIG"),
+        (&common::server_exe(), Some(&good), &model, "RING_CONFIG is set, but this mistralrs-server has no tensor parallelism"),
+        (&ring, Some(&bad), &model, "world_size 3"),
+        (&ring, Some(&good), gguf.to_str().unwrap(), "does not shard GGUF models"),
+    ];
+    for (exe, config, model, needle) in cases {
+        let mut cmd = std::process::Command::new(exe);
+        cmd.args(["--model", model, "--cpu", "--port", "0"]).env_remove("RING_CONFIG");
+        if let Some(config) = config {
+            cmd.env("RING_CONFIG", config);
+        }
+        let out = cmd.output().expect("run mistralrs-server");
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{exe:?} {config:?}: {text}");
+        assert!(text.contains(needle), "{exe:?} {config:?}: expected {needle:?} in:\n{text}");
+    }
+}
