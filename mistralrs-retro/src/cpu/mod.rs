@@ -10,6 +10,7 @@ mod access;
 mod cache_write;
 mod decode;
 mod gather;
+mod prefill;
 mod reference;
 #[cfg(test)]
 mod selected_tests;
@@ -20,5 +21,6 @@ pub(crate) mod test_support;
 pub use cache_write::write_kv;
 pub use decode::{paged_decode, paged_decode_selected, AttentionWithLse};
 pub use gather::gather_kv;
+pub use prefill::causal_prompt_attention;
 pub use reference::{paged_decode_reference, paged_decode_selected_reference};
 pub use selection::{merge_partial, PageSelection, PageUse};

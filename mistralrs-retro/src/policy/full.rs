@@ -96,6 +96,10 @@ impl KvPolicy for FullPolicy {
         super::note_preempted(seq_id);
     }
 
+    fn prompt_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f32) -> Result<Option<Tensor>> {
+        super::cpu_prompt_attention(q, k, v, softmax_scale)
+    }
+
     fn gather_kv(&self, _batch: &BatchInfo<'_>, gather: &GatherKv<'_>) -> Result<Option<(Tensor, Tensor)>> {
         if !gather.key_cache.device().is_cpu() {
             return Ok(None);

@@ -148,6 +148,18 @@ impl PolicyConfig {
     }
 }
 
+/// Every policy's prompt attention on CPU (patch 0009's hook): our tiled causal kernel
+/// (`cpu::causal_prompt_attention`) instead of upstream's row-at-a-time loop. The result differs from
+/// upstream's by float reassociation only. RETRO_CPU_PROMPT_ATTENTION=upstream keeps upstream's, for
+/// side-by-side benches.
+pub(crate) fn cpu_prompt_attention(q: &candle_core::Tensor, k: &candle_core::Tensor, v: &candle_core::Tensor, softmax_scale: f32) -> candle_core::Result<Option<candle_core::Tensor>> {
+    static UPSTREAM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *UPSTREAM.get_or_init(|| std::env::var("RETRO_CPU_PROMPT_ATTENTION").is_ok_and(|v| v == "upstream")) {
+        return Ok(None);
+    }
+    crate::cpu::causal_prompt_attention(q, k, v, softmax_scale).map(Some)
+}
+
 /// Largest row count of a CPU linear layer computed row by row under the sparse policies: above
 /// it gemm's packed path is as fast (measured on SmolLM2-135M's shapes, see patches/README.md).
 const CPU_ROW_SPLIT_LIMIT: usize = 8;

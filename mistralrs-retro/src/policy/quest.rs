@@ -191,6 +191,10 @@ impl KvPolicy for QuestPolicy {
         super::note_preempted(seq_id);
     }
 
+    fn prompt_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f32) -> Result<Option<Tensor>> {
+        super::cpu_prompt_attention(q, k, v, softmax_scale)
+    }
+
     fn gather_kv(&self, _batch: &BatchInfo<'_>, gather: &GatherKv<'_>) -> Result<Option<(Tensor, Tensor)>> {
         cpu::gather_kv(gather.key_cache, gather.value_cache, gather.block_tables, gather.cu_seqlens_kv, gather.out_dtype)
             .map(Some)
