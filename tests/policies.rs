@@ -67,8 +67,17 @@ fn sparse_policies_at_a_small_budget_run_differ_and_are_pinned() {
     let retro = server.greedy_chat(&prompts[0], 128);
     let log = server.log_lines().join("\n");
     assert!(log.contains("kv-policy=retro budget_tokens=256 dense_layers=2 window=2 output_cache_blocks=16"), "{log}");
-    let (status, metrics) = server.request("GET", "/metrics", None);
-    assert_eq!(status, 200);
+    // The engine frees the sequence, and files its numbers, just after the response: wait for it.
+    let mut metrics = String::new();
+    for _ in 0..50 {
+        let (status, text) = server.request("GET", "/metrics", None);
+        assert_eq!(status, 200);
+        metrics = text;
+        if metrics.contains("mistralrs_kv_retro_output_cache_blocks_in_use 0\n") && !metrics.contains("mistralrs_kv_retro_supplement_pages_total 0\n") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     let value = |name: &str| -> f64 {
         let line = metrics.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{name} missing: {metrics}"));
         line.rsplit(' ').next().unwrap().parse().unwrap()

@@ -185,3 +185,32 @@ pub fn install(config: &PolicyConfig) -> Arc<dyn ServedPolicy> {
     register_kv_policy(policy.clone());
     policy
 }
+
+#[cfg(test)]
+mod linear_tests {
+    use candle_core::{Device, Tensor};
+    use mistralrs_quant::{QuantMethod, QuantMethodConfig, UnquantLinear};
+
+    /// Patch mistralrs-quant/0001: with the limit on, 2..=8-row CPU products (each weight row read
+    /// once for all rows) equal one matmul up to float reassociation, bias included; 1 row and
+    /// 9 rows take upstream's path.
+    #[test]
+    fn small_row_linear_products_match_one_matmul() {
+        let dev = Device::Cpu;
+        let (n, k) = (70, 45);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
+        mistralrs_quant::set_cpu_row_split_limit(8);
+        // f32 only: candle has no CPU matmul for half types, so no CPU model runs them through here.
+        let layer = UnquantLinear::new(QuantMethodConfig::Unquantized(candle_nn::Linear::new(w.clone(), Some(b.clone())))).unwrap();
+        for m in 1..=9 {
+            let x = Tensor::randn(0f32, 1.0, (1, m, k), &dev).unwrap();
+            let got = layer.forward(&x).unwrap();
+            assert_eq!(got.dims(), &[1, m, n]);
+            let want = x.matmul(&w.t().unwrap().unsqueeze(0).unwrap()).unwrap().broadcast_add(&b).unwrap();
+            let err = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(err < 1e-4, "{m} rows: max error {err}");
+        }
+        mistralrs_quant::set_cpu_row_split_limit(0);
+    }
+}
