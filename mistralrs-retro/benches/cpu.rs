@@ -13,7 +13,7 @@ mod common;
 
 use std::time::Instant;
 
-use common::{smollm2_dir, workspace_root, Server};
+use common::{log_prompt, smollm2_dir, workspace_root, Server};
 use serde_json::{json, Value};
 
 const NEW_TOKENS: usize = 32;
@@ -24,17 +24,6 @@ const LAYERS: f64 = 30.0;
 const KV_BYTES_PER_TOKEN_LAYER: f64 = 2.0 * 3.0 * 64.0 * 4.0;
 const DENSE_LAYERS: f64 = 2.0;
 
-/// Text of roughly `tokens` tokens that does not repeat exactly (so nothing degenerates).
-fn prompt_of(tokens: usize) -> String {
-    let mut text = String::from("Here is a log of measurements.\n");
-    let mut i = 0;
-    while text.len() < tokens * 28 / 10 - 60 {
-        text.push_str(&format!("Reading {i}: sensor {} reports {} units.\n", i % 7, (i * 37) % 101));
-        i += 1;
-    }
-    text.push_str("Summarize the log:");
-    text
-}
 
 /// Best-of-5 copy bandwidth over all cores (rayon, one chunk per thread) of a 256 MiB buffer, bytes/s
 /// counted as read + written, as STREAM's copy does. A step's reads stream at about this rate.
@@ -108,7 +97,7 @@ fn main() {
     println!("| context | config | prefill tok/s | decode tok/s | bytes/step (MB) | implied GB/s | floor tok/s | of floor |");
     println!("|---:|---|---:|---:|---:|---:|---:|---:|");
     for &target in &contexts {
-        let prompt = prompt_of(target);
+        let prompt = log_prompt(target);
         // Long prompts take minutes upstream: one run each; short ones: best of 2 after a warm-up.
         let repeats = if target > 4096 { 1 } else { 2 };
         if target <= 4096 {

@@ -10,26 +10,13 @@
 #[path = "../../tests/common/mod.rs"]
 mod common;
 
-use common::{smollm2_dir, Server};
+use common::{log_prompt, smollm2_dir, Server};
 use serde_json::json;
 
 const TARGET_PROMPT_TOKENS: [usize; 3] = [128, 512, 2048];
 const NEW_TOKENS: usize = 64;
 const REPEATS: usize = 2;
 
-/// Text of roughly `tokens` tokens that does not repeat exactly (so nothing degenerates).
-fn prompt_of(tokens: usize) -> String {
-    let mut text = String::from("Here is a log of measurements.\n");
-    let mut i = 0;
-    // SmolLM2 averages about 2.8 characters per token on these lines; the real count is read back
-    // from usage.
-    while text.len() < tokens * 28 / 10 - 60 {
-        text.push_str(&format!("Reading {i}: sensor {} reports {} units.\n", i % 7, (i * 37) % 101));
-        i += 1;
-    }
-    text.push_str("Summarize the log:");
-    text
-}
 
 /// (prompt tokens, completion tokens, decode tok/s)
 fn decode_rate(server: &Server, prompt: &str) -> (u64, u64, f64) {
@@ -73,7 +60,7 @@ fn main() {
     println!("| prompt tokens | {} |", servers.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(" | "));
     println!("|---:|{}", "---:|".repeat(servers.len()));
     for target in TARGET_PROMPT_TOKENS {
-        let prompt = prompt_of(target);
+        let prompt = log_prompt(target);
         // Warm-up (allocations, first touch of the cache) outside the measurement.
         let mut n_prompt = 0;
         for (_, server) in &servers {
@@ -96,7 +83,7 @@ fn main() {
 /// Effective KV exposure (DESIGN §3) after one long greedy generation, per window, from /metrics.
 fn exposure(common: &[&str]) {
     const GENERATED: usize = 512;
-    let prompt = prompt_of(2048);
+    let prompt = log_prompt(2048);
     println!("\neffective exposure after {GENERATED} generated tokens (12.5% budget, ~2K-token prompt)");
     println!("| window | exposure | supplement pages per generated token |");
     println!("|---:|---:|---:|");

@@ -88,7 +88,13 @@ fn main() {
     println!("aggregate generated tok/s over wall time ({NEW_TOKENS} new tokens each, greedy), preemptions in brackets; ratio to upstream eager");
     println!("| concurrent | {} |", configs.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(" | "));
     println!("|---:|{}", "---:|".repeat(configs.len()));
-    for n in [8, 32] {
+    // MIXED_BATCH_SIZES=32 runs only the 32-request row (each row takes up to 4 x 5 minutes).
+    let sizes: Vec<usize> = std::env::var("MIXED_BATCH_SIZES")
+        .unwrap_or_else(|_| "8,32".into())
+        .split(',')
+        .map(|n| n.trim().parse().expect("MIXED_BATCH_SIZES: comma-separated request counts"))
+        .collect();
+    for n in sizes {
         let prompts = prompts(n);
         let mut cells = Vec::new();
         let mut base = 0.0;

@@ -22,6 +22,20 @@ pub fn server_exe() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_mistralrs-server"))
 }
 
+/// Text of roughly `tokens` SmolLM2 tokens that does not repeat exactly (so nothing degenerates), for
+/// the benches. SmolLM2 averages about 2.8 characters per token on these lines at 2K (fewer as the
+/// numbers grow); the real count comes back in `usage`.
+pub fn log_prompt(tokens: usize) -> String {
+    let mut text = String::from("Here is a log of measurements.\n");
+    let mut i = 0;
+    while text.len() < tokens * 28 / 10 - 60 {
+        text.push_str(&format!("Reading {i}: sensor {} reports {} units.\n", i % 7, (i * 37) % 101));
+        i += 1;
+    }
+    text.push_str("Summarize the log:");
+    text
+}
+
 /// About 1.4K tokens of Verne's "In the year 2889" (public domain, from reasoning-gym), and a task.
 pub fn long_prompt() -> String {
     let text = std::fs::read_to_string(workspace_root().join("models/text/in_the_year_2889.txt"))
