@@ -72,10 +72,12 @@ fn attend_tile(q: &[f32], k: &[f32], v: &[f32], d: usize, row0: usize, out: &mut
             let row = &mut scores[r * BLOCK_K..][..keys];
             // Causal: row row0 + r sees keys up to itself; only the diagonal tile cuts.
             let visible = (row0 + r + 1).saturating_sub(key0).min(keys);
-            row[visible..].fill(f32::NEG_INFINITY);
+            // Keys after the row weigh nothing in the P·V product below.
+            row[visible..].fill(0.0);
             let tile_max = row[..visible].iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let new_max = max[r].max(tile_max);
             if new_max == f32::NEG_INFINITY {
+                row.fill(0.0);
                 continue;
             }
             let correction = if max[r] == f32::NEG_INFINITY { 0.0 } else { exp_approx(max[r] - new_max) };
@@ -88,7 +90,6 @@ fn attend_tile(q: &[f32], k: &[f32], v: &[f32], d: usize, row0: usize, out: &mut
             for s in row[..visible].iter() {
                 tile_sum += *s;
             }
-            row[visible..].fill(0.0);
             sum[r] = sum[r] * correction + tile_sum;
             if correction != 1.0 {
                 for a in &mut acc[r * d..][..d] {
