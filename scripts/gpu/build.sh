@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Builds the GPU check and benchmark binaries on this CPU-only machine (CUDA 13.0 toolkit from PyPI,
-# see ../shared/GPU.md) and packs them, xz-compressed, into gpu-dist/ for the GPU machine.
+# Builds the GPU check and benchmark binaries and the CUDA server on this CPU-only machine (CUDA 13.0
+# toolkit from PyPI, see ../shared/GPU.md) and packs them, xz-compressed, into gpu-dist/ for the GPU
+# machine, with the end-to-end driver, the SmolLM2 tokenizer (for the random-weight model) and the
+# SmolLM2 GGUF in two parts (one transfer carries 64 MiB: send gpu-dist/ without gguf-b, then gguf-b).
 # Usage: scripts/gpu/build.sh   (first run: mistralrs-core with cuda, ~30 minutes on 2 cores)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -10,10 +12,16 @@ cargo fetch --quiet
 # shellcheck disable=SC1091
 source "$root/../shared/gpu/cuda-toolkit.sh" >/dev/null
 export CARGO_TARGET_DIR="$root/target/cuda"
-cargo build --release -p mistralrs-retro --features cuda --bin retro-gpu-check --bin retro-gpu-bench
-mkdir -p gpu-dist
-for b in retro-gpu-check retro-gpu-bench; do
+cargo build --release -p mistralrs-retro --features cuda --bin retro-gpu-check --bin retro-gpu-bench --bin mistralrs-server
+mkdir -p gpu-dist/gguf-a gpu-dist/gguf-b
+for b in retro-gpu-check retro-gpu-bench mistralrs-server; do
   xz -6 -T2 -c "$CARGO_TARGET_DIR/release/$b" > "gpu-dist/$b.xz"
 done
-cp scripts/gpu/run.sh gpu-dist/
+cp scripts/gpu/run.sh scripts/gpu/e2e.py gpu-dist/
+cp models/smollm2-135m-instruct-f32/tokenizer.json gpu-dist/
+gguf=models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+half=$(( ($(stat -c %s "$gguf") + 1) / 2 ))
+head -c "$half" "$gguf" > gpu-dist/gguf-a/part
+tail -c +"$((half + 1))" "$gguf" > gpu-dist/gguf-b/part
+sha256sum "$gguf" | cut -d' ' -f1 > gpu-dist/gguf.sha256
 ls -la gpu-dist

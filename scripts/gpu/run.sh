@@ -2,11 +2,24 @@
 # Runs on the GPU machine (from the repository root, gpu-dist/ carried over): the kernel checks
 # against the CPU reference, then the kernel benchmark. Results go to $OUT (or ./gpu-out).
 # Usage: gpu-dist/run.sh [check|bench|all] [--quick]
+#        gpu-dist/run.sh e2e [gen|run|sanity] [e2e.py flags]   (end to end through the CUDA server)
 set -uo pipefail
 what=${1:-all}; shift || true
 out=${OUT:-gpu-out}; mkdir -p "$out"
-bin=$(mktemp -d)
-for b in retro-gpu-check retro-gpu-bench; do xz -d -c "gpu-dist/$b.xz" > "$bin/$b"; chmod +x "$bin/$b"; done
+bin=gpu-bin; mkdir -p "$bin" gpu-work
+for b in retro-gpu-check retro-gpu-bench mistralrs-server; do
+  [ -f "gpu-dist/$b.xz" ] && xz -d -c "gpu-dist/$b.xz" > "$bin/$b" && chmod +x "$bin/$b"
+done
+if [ "$what" = e2e ]; then
+  step=${1:-run}; shift || true
+  gguf=gpu-work/SmolLM2-135M-Instruct.Q4_1.gguf
+  if [ "$step" = sanity ] && [ ! -f "$gguf" ]; then
+    cat gpu-dist/gguf-a/part gpu-dist/gguf-b/part > "$gguf"
+    [ "$(sha256sum "$gguf" | cut -d' ' -f1)" = "$(cat gpu-dist/gguf.sha256)" ] || { echo "gguf parts do not join to the original" >&2; rm -f "$gguf"; exit 1; }
+  fi
+  mkdir -p gpu-work/llama8b-random && cp gpu-dist/tokenizer.json gpu-work/llama8b-random/
+  exec python3 gpu-dist/e2e.py "$step" "$@"
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv | tee "$out/gpu.txt"
 rc=0
 if [ "$what" = check ] || [ "$what" = all ]; then

@@ -23,4 +23,4 @@ pub use decode::{paged_decode, paged_decode_selected, AttentionWithLse};
 pub use gather::gather_kv;
 pub use prefill::causal_prompt_attention;
 pub use reference::{paged_decode_reference, paged_decode_selected_reference};
-pub use selection::{merge_partial, PageSelection, PageUse};
+pub use selection::{all_rows_mask, merge_partial, PageSelection, PageUse};

@@ -26,7 +26,7 @@ pub struct PageSelection {
 }
 
 /// The mask with one bit per row, for `rows <= 32`.
-pub(crate) fn all_rows_mask(rows: usize) -> u32 {
+pub fn all_rows_mask(rows: usize) -> u32 {
     u32::MAX.checked_shr(32 - rows as u32).unwrap_or(0)
 }
 

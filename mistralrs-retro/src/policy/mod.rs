@@ -5,6 +5,8 @@
 //! every cache write, decode step and prefix gather. Sparse policies split each decode step into a
 //! plan (`plan::select_pages` over `summaries::PageSummaries`) and a run (`crate::cpu` kernels).
 
+#[cfg(feature = "cuda")]
+mod device;
 mod full;
 pub mod output_cache;
 pub mod plan;

@@ -91,3 +91,91 @@ pub fn pages_read(selection: &PageSelection) -> usize {
     selection.entries.len()
 }
 
+/// Length of every list [`select_pages`] makes for a sequence of `context` tokens: all its pages
+/// when the budget covers them, else the budget (never below the first + last page). The GPU
+/// selection follows the same rule, so the host knows what a step reads without reading it back.
+pub fn selected_len(context: usize, budget_pages: usize, block_size: usize) -> usize {
+    let pages = context.div_ceil(block_size);
+    if budget_pages >= pages { pages } else { budget_pages.max(2).min(pages) }
+}
+
+/// A selection in the device kernels' layout: lists padded to `stride` pages (`pages` and `masks`
+/// `[lists * stride]`, `counts [lists]`), and per sequence its longest list.
+#[derive(Debug, PartialEq)]
+pub struct PaddedLists {
+    pub stride: usize,
+    pub pages: Vec<u32>,
+    pub counts: Vec<u32>,
+    pub masks: Vec<u32>,
+    pub longest: Vec<u32>,
+}
+
+impl PaddedLists {
+    pub fn from_selection(selection: &PageSelection, batch: usize) -> Self {
+        let kv_heads = selection.kv_heads;
+        let lists = batch * kv_heads;
+        let lens: Vec<usize> = (0..lists).map(|l| selection.offsets[l + 1] - selection.offsets[l]).collect();
+        let stride = lens.iter().copied().max().unwrap_or(0).max(1);
+        let mut out = Self { stride, pages: vec![0; lists * stride], counts: vec![0; lists], masks: vec![0; lists * stride], longest: vec![0; batch] };
+        for (l, &len) in lens.iter().enumerate() {
+            let entries = &selection.entries[selection.offsets[l]..selection.offsets[l + 1]];
+            for (i, e) in entries.iter().enumerate() {
+                out.pages[l * stride + i] = e.page;
+                out.masks[l * stride + i] = e.rows;
+            }
+            out.counts[l] = len as u32;
+            let seq = l / kv_heads;
+            out.longest[seq] = out.longest[seq].max(len as u32);
+        }
+        out
+    }
+
+    /// Back to a host selection (the masks say which rows use each page).
+    pub fn to_selection(&self, kv_heads: usize) -> PageSelection {
+        let mut selection = PageSelection::new(kv_heads);
+        for (l, &count) in self.counts.iter().enumerate() {
+            for i in 0..count as usize {
+                selection.push(self.pages[l * self.stride + i], self.masks[l * self.stride + i]);
+            }
+            selection.finish_list();
+        }
+        selection
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selected_len_matches_the_budget_rule() {
+        // 100 tokens = 7 pages of 16.
+        assert_eq!(selected_len(100, 7, 16), 7);
+        assert_eq!(selected_len(100, 64, 16), 7);
+        assert_eq!(selected_len(100, 3, 16), 3);
+        assert_eq!(selected_len(100, 1, 16), 2, "first and last page always");
+        assert_eq!(selected_len(10, 1, 16), 1, "a one-page sequence reads its page");
+        assert_eq!(selected_len(0, 4, 16), 0);
+    }
+
+    #[test]
+    fn padded_lists_round_trip_ragged_lists() {
+        let mut sel = PageSelection::new(2);
+        for (pages, mask) in [(vec![0u32, 3, 9], 3u32), (vec![0, 9], 2), (vec![0], 1), (vec![], 0)] {
+            for p in pages {
+                sel.push(p, mask);
+            }
+            sel.finish_list();
+        }
+        let padded = PaddedLists::from_selection(&sel, 2);
+        assert_eq!(padded.stride, 3);
+        assert_eq!(padded.counts, vec![3, 2, 1, 0]);
+        assert_eq!(padded.longest, vec![3, 1]);
+        assert_eq!(&padded.pages[3..6], &[0, 9, 0]);
+        assert_eq!(&padded.masks[0..3], &[3, 3, 3]);
+        let back = padded.to_selection(2);
+        assert_eq!(back.offsets, sel.offsets);
+        assert_eq!(back.entries, sel.entries);
+    }
+}
+

@@ -1,4 +1,5 @@
-//! `quest`: per KV head, the top pages by their key bounds (Quest, ICML 2024), on CPU.
+//! `quest`: per KV head, the top pages by their key bounds (Quest, ICML 2024), on CPU and (feature
+//! `cuda`) on CUDA through `device.rs`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,11 +26,45 @@ pub struct SparseStats {
 pub struct QuestPolicy {
     pub(super) budget: Budget,
     pub(super) dense_layers: usize,
-    summaries: RwLock<Option<Arc<PageSummaries>>>,
+    summaries: RwLock<Option<Summaries>>,
     /// Budgets that replace `budget` for single sequences (the quality harness, `crate::eval`,
     /// runs several budgets in one batch). Empty when serving.
     sequence_budgets: RwLock<HashMap<usize, Budget>>,
     pub stats: SparseStats,
+}
+
+/// Where the page bounds live: beside a CPU cache, or on the device beside a CUDA one.
+#[derive(Clone)]
+pub(super) enum Summaries {
+    Host(Arc<PageSummaries>),
+    #[cfg(feature = "cuda")]
+    Device(Arc<super::device::DeviceSummaries>),
+}
+
+impl Summaries {
+    pub fn kv_heads(&self) -> usize {
+        match self {
+            Self::Host(s) => s.kv_heads,
+            #[cfg(feature = "cuda")]
+            Self::Device(s) => s.kv_heads,
+        }
+    }
+
+    pub fn num_layers(&self) -> usize {
+        match self {
+            Self::Host(s) => s.num_layers(),
+            #[cfg(feature = "cuda")]
+            Self::Device(s) => s.num_layers(),
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        match self {
+            Self::Host(s) => s.bytes(),
+            #[cfg(feature = "cuda")]
+            Self::Device(s) => s.bytes(),
+        }
+    }
 }
 
 impl QuestPolicy {
@@ -48,18 +83,32 @@ impl QuestPolicy {
         self.sequence_budgets.write().expect("lock poisoned").insert(seq_id, budget);
     }
 
-    pub(super) fn summaries(&self) -> Result<Arc<PageSummaries>> {
+    pub(super) fn summaries(&self) -> Result<Summaries> {
         match &*self.summaries.read().expect("lock poisoned") {
             Some(s) => Ok(s.clone()),
             None => bail!("quest: the KV cache was not allocated through the policy seam"),
         }
+    }
+
+    /// Pages each sequence of the batch may read.
+    fn budget_pages(&self, seq_ids: &[usize], context_lens: &[usize], block_size: usize) -> Vec<usize> {
+        let own = self.sequence_budgets.read().expect("lock poisoned");
+        context_lens
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| {
+                let budget = seq_ids.get(i).and_then(|id| own.get(id)).unwrap_or(&self.budget);
+                budget.pages(c, block_size)
+            })
+            .collect()
     }
 }
 
 /// One sparse layer's plan: the step's host tables and the newest rows' page selection (every
 /// row's mask bit set).
 pub(crate) struct StepPlan {
-    pub summaries: Arc<PageSummaries>,
+    pub block_size: usize,
+    pub kv_heads: usize,
     pub tables: StepTables,
     pub selection: PageSelection,
 }
@@ -67,22 +116,21 @@ pub(crate) struct StepPlan {
 impl QuestPolicy {
     /// Plan a sparse layer's step. A budget that covers a sequence still goes through plan + run
     /// (select_pages keeps every page), so "budget >= context equals full" tests the sparse path itself.
-    pub(super) fn plan(&self, seq_ids: &[usize], attn: &DecodeAttention<'_>, layer: usize) -> Result<StepPlan> {
+    pub(super) fn plan(&self, batch: &BatchInfo<'_>, attn: &DecodeAttention<'_>, layer: usize) -> Result<StepPlan> {
         super::full::check_supported(attn)?;
-        let summaries = self.summaries()?;
-        let tables = StepTables::read(attn)?;
-        let budget_pages: Vec<usize> = {
-            let own = self.sequence_budgets.read().expect("lock poisoned");
-            tables
-                .context_lens
-                .iter()
-                .enumerate()
-                .map(|(i, &c)| {
-                    let budget = seq_ids.get(i).and_then(|id| own.get(id)).unwrap_or(&self.budget);
-                    budget.pages(c, summaries.block_size)
-                })
-                .collect()
+        let summaries = match self.summaries()? {
+            Summaries::Host(s) => s,
+            #[cfg(feature = "cuda")]
+            Summaries::Device(d) => {
+                // Host copies of the lengths come with the batch: no read-back of the device tables.
+                let tables = StepTables { context_lens: batch.seq_context_lens.to_vec(), block_tables: Vec::new() };
+                let budget_pages = self.budget_pages(batch.seq_ids, &tables.context_lens, d.block_size);
+                let selection = super::device::select_to_host(&d, layer, attn, &tables.context_lens, &budget_pages)?;
+                return Ok(StepPlan { block_size: d.block_size, kv_heads: d.kv_heads, tables, selection });
+            }
         };
+        let tables = StepTables::read(attn)?;
+        let budget_pages = self.budget_pages(batch.seq_ids, &tables.context_lens, summaries.block_size);
         let (rows_total, heads, _) = attn.query.dims3()?;
         let rows = rows_total / tables.context_lens.len();
         let queries = attn.query.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
@@ -101,12 +149,48 @@ impl QuestPolicy {
                 &bounds,
             )
         };
-        Ok(StepPlan { summaries, tables, selection })
+        Ok(StepPlan { block_size: summaries.block_size, kv_heads: summaries.kv_heads, tables, selection })
+    }
+
+    /// The fused decode over a selection with row masks: the output in the query's dtype on the
+    /// query's device, and the lse per (row, head).
+    pub(super) fn run_selection(&self, attn: &DecodeAttention<'_>, tables: &StepTables, selection: &PageSelection) -> Result<(Tensor, Vec<f32>)> {
+        match self.summaries()? {
+            Summaries::Host(_) => {
+                let _ = tables; // the CPU kernel reads the lengths from `attn`
+                let result = cpu::paged_decode_selected(
+                    attn.query, attn.key_cache, attn.value_cache, attn.block_tables, attn.context_lens,
+                    selection, attn.softmax_scale, attn.softcap,
+                )?;
+                Ok((result.out, result.lse))
+            }
+            #[cfg(feature = "cuda")]
+            Summaries::Device(d) => super::device::decode_selection(&d, attn, &tables.context_lens, selection),
+        }
+    }
+
+    /// Attention over every page: the dense layers, on CPU by our kernel; on CUDA by upstream's
+    /// when each sequence has one query row, else (a replay window) by ours with every page selected.
+    pub(super) fn decode_dense(&self, batch: &BatchInfo<'_>, attn: &DecodeAttention<'_>) -> Result<Option<Tensor>> {
+        if attn.key_cache.device().is_cpu() {
+            return super::full::decode_every_page(attn).map(Some);
+        }
+        if attn.query.dim(0)? == attn.context_lens.dim(0)? {
+            return Ok(None);
+        }
+        #[cfg(feature = "cuda")]
+        if let Summaries::Device(d) = self.summaries()? {
+            let everything = vec![usize::MAX; batch.seq_context_lens.len()];
+            let (out, _) = super::device::selected_decode(&d, batch.layer.unwrap_or(0), attn, batch.seq_context_lens, &everything)?;
+            return Ok(Some(out));
+        }
+        let _ = batch;
+        bail!("{}: no decode kernel for a replay window on {:?}", self.name(), attn.key_cache.device().location())
     }
 
     /// Count a sparse layer's reads against what full attention would have read.
-    pub(super) fn record_pages(&self, layer: usize, loaded: u64, tables: &StepTables, summaries: &PageSummaries) {
-        let total = tables.context_lens.iter().map(|c| c.div_ceil(summaries.block_size)).sum::<usize>() * summaries.kv_heads;
+    pub(super) fn record_pages(&self, layer: usize, loaded: u64, tables: &StepTables, block_size: usize, kv_heads: usize) {
+        let total = tables.context_lens.iter().map(|c| c.div_ceil(block_size)).sum::<usize>() * kv_heads;
         self.stats.pages_loaded.fetch_add(loaded, Ordering::Relaxed);
         self.stats.pages_total.fetch_add(total as u64, Ordering::Relaxed);
         debug!("sparse layer {layer}: read {loaded} of {total} (page, kv head) pairs");
@@ -116,6 +200,7 @@ impl QuestPolicy {
 /// Host copies of the decode step's tables.
 pub(crate) struct StepTables {
     pub context_lens: Vec<usize>,
+    /// Read only where the plan runs on the host (CPU caches).
     pub block_tables: Vec<Vec<u32>>,
 }
 
@@ -138,19 +223,26 @@ impl KvPolicy for QuestPolicy {
 
     fn cache_allocated(&self, alloc: &CacheAllocation<'_>) -> Result<()> {
         let Some((key_cache, _)) = alloc.caches.first() else { return Ok(()) };
-        if !key_cache.device().is_cpu() {
-            bail!("kv-policy=quest has CPU kernels only in this build; use --cpu or --kv-policy full");
-        }
-        let summaries = PageSummaries::for_cache(alloc)?;
+        let summaries = match key_cache.device() {
+            candle_core::Device::Cpu => Summaries::Host(Arc::new(PageSummaries::for_cache(alloc)?)),
+            #[cfg(feature = "cuda")]
+            candle_core::Device::Cuda(_) => Summaries::Device(Arc::new(super::device::DeviceSummaries::for_cache(alloc)?)),
+            other => bail!(
+                "kv-policy=quest/retro has no kernels for {:?} in this build (CPU{}); use --cpu or --kv-policy full",
+                other.location(),
+                if cfg!(feature = "cuda") { " and CUDA" } else { " only" }
+            ),
+        };
         info!(
-            "kv-policy=quest: paged KV cache: {} layers, {} blocks of {} tokens, {:?}; page summaries {:.1} MB",
+            "kv-policy=quest: paged KV cache on {:?}: {} layers, {} blocks of {} tokens, {:?}; page summaries {:.1} MB",
+            key_cache.device().location(),
             alloc.caches.len(),
             alloc.num_blocks,
             alloc.block_size,
             alloc.dtype,
             summaries.bytes() as f64 / 1e6
         );
-        *self.summaries.write().expect("lock poisoned") = Some(Arc::new(summaries));
+        *self.summaries.write().expect("lock poisoned") = Some(summaries);
         Ok(())
     }
 
@@ -161,20 +253,36 @@ impl KvPolicy for QuestPolicy {
 
     fn write_kv(&self, batch: &BatchInfo<'_>, write: &CacheWrite<'_>) -> Result<bool> {
         super::note_write(batch);
-        cpu::write_kv(write.key, write.value, write.key_cache, write.value_cache, write.slot_mapping)?;
-        if let Some(layer) = batch.layer {
-            self.summaries()?.refresh_written(layer, write.key_cache, write.slot_mapping)?;
+        match self.summaries()? {
+            Summaries::Host(summaries) => {
+                cpu::write_kv(write.key, write.value, write.key_cache, write.value_cache, write.slot_mapping)?;
+                if let Some(layer) = batch.layer {
+                    summaries.refresh_written(layer, write.key_cache, write.slot_mapping)?;
+                }
+            }
+            #[cfg(feature = "cuda")]
+            Summaries::Device(d) => d.write(batch.layer, write)?,
         }
         Ok(true)
     }
 
     fn decode_attention(&self, batch: &BatchInfo<'_>, attn: &DecodeAttention<'_>) -> Result<Option<Tensor>> {
         if batch.layer.is_none_or(|l| l < self.dense_layers) {
-            return super::full::decode_every_page(attn).map(Some);
+            return self.decode_dense(batch, attn);
         }
         let layer = batch.layer.expect("sparse layers have an index");
-        let StepPlan { summaries, tables, selection } = self.plan(batch.seq_ids, attn, layer)?;
-        self.record_pages(layer, pages_read(&selection) as u64, &tables, &summaries);
+        #[cfg(feature = "cuda")]
+        if let Summaries::Device(d) = self.summaries()? {
+            super::full::check_supported(attn)?;
+            let context_lens = batch.seq_context_lens;
+            let budget_pages = self.budget_pages(batch.seq_ids, context_lens, d.block_size);
+            let (out, read) = super::device::selected_decode(&d, layer, attn, context_lens, &budget_pages)?;
+            let tables = StepTables { context_lens: context_lens.to_vec(), block_tables: Vec::new() };
+            self.record_pages(layer, read, &tables, d.block_size, d.kv_heads);
+            return Ok(Some(out));
+        }
+        let StepPlan { block_size, kv_heads, tables, selection } = self.plan(batch, attn, layer)?;
+        self.record_pages(layer, pages_read(&selection) as u64, &tables, block_size, kv_heads);
         let result = cpu::paged_decode_selected(
             attn.query, attn.key_cache, attn.value_cache, attn.block_tables, attn.context_lens,
             &selection, attn.softmax_scale, attn.softcap,
@@ -195,7 +303,11 @@ impl KvPolicy for QuestPolicy {
         super::cpu_prompt_attention(q, k, v, softmax_scale)
     }
 
+    /// Prefix-cache gathers read whole sequences: on CUDA, upstream's kernel.
     fn gather_kv(&self, _batch: &BatchInfo<'_>, gather: &GatherKv<'_>) -> Result<Option<(Tensor, Tensor)>> {
+        if !gather.key_cache.device().is_cpu() {
+            return Ok(None);
+        }
         cpu::gather_kv(gather.key_cache, gather.value_cache, gather.block_tables, gather.cu_seqlens_kv, gather.out_dtype)
             .map(Some)
     }
@@ -205,7 +317,7 @@ impl super::PolicyMetrics for QuestPolicy {
     fn metrics(&self) -> Vec<super::Metric> {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
         let summaries = self.summaries.read().expect("lock poisoned").clone();
-        let (kv_heads, summary_bytes) = summaries.map_or((0.0, 0.0), |s| (s.kv_heads as f64, s.bytes() as f64));
+        let (kv_heads, summary_bytes) = summaries.map_or((0.0, 0.0), |s| (s.kv_heads() as f64, s.bytes() as f64));
         vec![
             super::Metric::counter("pages_loaded_total", "(page, KV head) pairs the sparse layers read", load(&self.stats.pages_loaded)),
             super::Metric::counter("pages_full_total", "(page, KV head) pairs full attention would have read in those layers", load(&self.stats.pages_total)),

@@ -1,4 +1,5 @@
-//! `retro`: Quest plus RetroAttention (arXiv 2508.09001), on CPU. DESIGN.md §3 is the algorithm.
+//! `retro`: Quest plus RetroAttention (arXiv 2508.09001), on CPU and CUDA (the output cache is
+//! host memory on both; see `device.rs`). DESIGN.md §3 is the algorithm.
 //!
 //! The core patch `0003-replay-window` makes every decode step feed each sequence's last w tokens;
 //! this policy turns those rows into RetroAttention:
@@ -15,16 +16,15 @@
 
 use std::sync::atomic::Ordering;
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use mistralrs_core::kv_policy::{BatchInfo, CacheAllocation, CacheWrite, DecodeAttention, GatherKv, KvPolicy};
 use tracing::{debug, warn};
 
-use super::full::decode_every_page;
 use super::output_cache::{OutputCachePool, SequenceState};
 use super::quest::{QuestPolicy, StepPlan};
 use super::{Metric, PolicyMetrics};
 use crate::config::Budget;
-use crate::cpu::{self, merge_partial, PageSelection};
+use crate::cpu::{merge_partial, PageSelection};
 
 pub struct RetroPolicy {
     quest: QuestPolicy,
@@ -123,8 +123,7 @@ impl RetroPolicy {
 
     /// One sparse layer's attention for a window of `rows` rows per sequence.
     fn decode_window(&self, batch: &BatchInfo<'_>, attn: &DecodeAttention<'_>, layer: usize, rows: usize) -> Result<Tensor> {
-        let StepPlan { summaries, tables, selection: plan } = self.quest.plan(batch.seq_ids, attn, layer)?;
-        let (block_size, kv_heads) = (summaries.block_size, summaries.kv_heads);
+        let StepPlan { block_size, kv_heads, tables, selection: plan } = self.quest.plan(batch, attn, layer)?;
         let (rows_total, heads, head_dim) = attn.query.dims3()?;
         let batch_len = tables.context_lens.len();
 
@@ -203,14 +202,10 @@ impl RetroPolicy {
             }
         }
 
-        self.quest.record_pages(layer, fused.entries.len() as u64, &tables, &summaries);
+        self.quest.record_pages(layer, fused.entries.len() as u64, &tables, block_size, kv_heads);
 
-        let result = cpu::paged_decode_selected(
-            attn.query, attn.key_cache, attn.value_cache, attn.block_tables, attn.context_lens,
-            &fused, attn.softmax_scale, attn.softcap,
-        )?;
-        let mut out = result.out.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let lse = result.lse;
+        let (out, lse) = self.quest.run_selection(attn, &tables, &fused)?;
+        let mut out = out.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let row_len = heads * head_dim;
 
         for seq in 0..batch_len {
@@ -250,7 +245,7 @@ impl RetroPolicy {
             }
         }
         drop(inner);
-        Tensor::from_vec(out, (rows_total, heads, head_dim), &Device::Cpu)?.to_dtype(attn.query.dtype())
+        Tensor::from_vec(out, (rows_total, heads, head_dim), attn.query.device())?.to_dtype(attn.query.dtype())
     }
 }
 
@@ -335,7 +330,7 @@ impl KvPolicy for RetroPolicy {
             }
             // Dense layers recompute every row exactly; a window of one is plain quest.
             Some(layer) if layer >= self.quest.dense_layers => self.quest.decode_attention(batch, attn),
-            _ => decode_every_page(attn).map(Some),
+            _ => self.quest.decode_dense(batch, attn),
         }
     }
 

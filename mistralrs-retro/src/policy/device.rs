@@ -1,0 +1,187 @@
+//! The sparse policies on CUDA (feature `cuda`): page bounds kept on the device beside the paged
+//! cache, and every sparse layer's plan (score + top-k) and fused decode run by `retro-kernels`.
+//! Same semantics as the CPU path, which is the reference (`retro-gpu-check` tests each kernel
+//! against it); dense layers with one query row per sequence keep upstream's paged kernel.
+//!
+//! What still goes through the host, per sparse layer and step: the plan's two small per-sequence
+//! arrays (uploaded), and under `retro` w > 1 the selected lists and the decode's output/lse (read
+//! back for the output-cache bookkeeping of `retro.rs`, then the corrected rows are uploaded).
+//! Moving the output cache onto the device (`retro_row_masks` + `merge_rows` exist) removes those
+//! round trips; see docs/gpu.md.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{bail, DType, Result, Tensor};
+use mistralrs_core::kv_policy::{CacheAllocation, CacheWrite, DecodeAttention};
+use retro_kernels::cuda as gpu;
+use retro_kernels::DecodePlan;
+
+use super::plan::{selected_len, PaddedLists};
+use crate::cpu::{all_rows_mask, PageSelection};
+
+/// CUDA blocks the sparse decode aims for (4 per SM of an H200, where it was tuned: docs/gpu.md)
+/// and the fewest pages a split holds.
+const SPLIT_TARGET: (usize, usize) = (132 * 4, 4);
+
+/// Per layer, f32 `[num_blocks, kv_heads, 2, head_dim]`: each block's min and max key per channel.
+pub struct DeviceSummaries {
+    pub block_size: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub num_blocks: usize,
+    layers: Vec<Tensor>,
+    /// The last decode plan: every sparse layer of a step asks for the same one (vLLM-style
+    /// metadata built once per step), so its per-sequence arrays are uploaded once.
+    last_plan: Mutex<Option<Arc<gpu::DevicePlan>>>,
+}
+
+impl DeviceSummaries {
+    pub fn for_cache(alloc: &CacheAllocation<'_>) -> Result<Self> {
+        let Some((key_cache, _)) = alloc.caches.first() else { bail!("no KV cache layers") };
+        if !matches!(alloc.dtype, DType::F32 | DType::F16 | DType::BF16) {
+            bail!("the sparse CUDA kernels take f32/f16/bf16 KV caches, not {:?}", alloc.dtype);
+        }
+        let (num_blocks, kv_heads, chunks, block_size, x) = key_cache.dims5()?;
+        let head_dim = chunks * x;
+        if !matches!(head_dim, 64 | 128) || !matches!(block_size, 16 | 32) {
+            bail!("the sparse CUDA kernels are built for head dim 64/128 and --pa-block-size 16/32, not {head_dim}/{block_size}");
+        }
+        let layers = alloc
+            .caches
+            .iter()
+            .map(|(k, _)| Tensor::zeros((num_blocks, kv_heads, 2, head_dim), DType::F32, k.device()))
+            .collect::<Result<_>>()?;
+        Ok(Self { block_size, kv_heads, head_dim, num_blocks, layers, last_plan: Mutex::new(None) })
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.layers.len() * self.num_blocks * self.kv_heads * 2 * self.head_dim * 4
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Upstream's cache write, then the bounds of every block it touched (slots of -1 are skipped
+    /// by both).
+    pub fn write(&self, layer: Option<usize>, write: &CacheWrite<'_>) -> Result<()> {
+        mistralrs_paged_attn::reshape_and_cache(
+            write.key, write.value, None, None, write.key_cache, write.value_cache, write.slot_mapping,
+        )?;
+        if let Some(layer) = layer {
+            let Some(bounds) = self.layers.get(layer) else {
+                bail!("page summaries: layer {layer} out of range ({} layers)", self.layers.len())
+            };
+            gpu::refresh_page_bounds(write.key_cache, &write.slot_mapping.to_dtype(DType::I64)?, bounds)?;
+        }
+        Ok(())
+    }
+}
+
+fn rows_per_sequence(attn: &DecodeAttention<'_>, batch: usize) -> Result<usize> {
+    let rows_total = attn.query.dim(0)?;
+    if batch == 0 || rows_total % batch != 0 {
+        bail!("decode attention got {rows_total} query rows for {batch} sequences");
+    }
+    Ok(rows_total / batch)
+}
+
+impl DeviceSummaries {
+    /// The step's plan for these lengths, budgets and rows: the last one if it matches.
+    fn plan(&self, context_lens: &[usize], budget_pages: &[usize], rows: usize, device: &candle_core::Device) -> Result<Arc<gpu::DevicePlan>> {
+        let ctx: Vec<u32> = context_lens.iter().map(|&c| c as u32).collect();
+        let budgets: Vec<u32> = budget_pages.iter().map(|&b| b.min(u32::MAX as usize) as u32).collect();
+        let mut last = self.last_plan.lock().expect("plan lock poisoned");
+        if let Some(plan) = last.as_ref() {
+            let p = &plan.plan;
+            if p.rows == rows && p.context_lens == ctx && p.budget_pages == budgets {
+                return Ok(plan.clone());
+            }
+        }
+        let plan = DecodePlan::new(&ctx, &budgets, rows, self.kv_heads, self.block_size, SPLIT_TARGET.0, SPLIT_TARGET.1);
+        let plan = Arc::new(gpu::DevicePlan::upload(plan, device)?);
+        *last = Some(plan.clone());
+        Ok(plan)
+    }
+}
+
+/// Quest on the device: select, then decode every row of each sequence over its selection.
+/// Budgets that cover a sequence select every page (dense layers with a replay window use that).
+/// Returns the output and the (page, KV head) pairs read, known on the host from the budget rule.
+pub fn selected_decode(
+    summaries: &DeviceSummaries,
+    layer: usize,
+    attn: &DecodeAttention<'_>,
+    context_lens: &[usize],
+    budget_pages: &[usize],
+) -> Result<(Tensor, u64)> {
+    let rows = rows_per_sequence(attn, context_lens.len())?;
+    let plan = summaries.plan(context_lens, budget_pages, rows, attn.query.device())?;
+    let selection = gpu::select_pages(&plan, attn.query, &summaries.layers[layer], attn.block_tables)?;
+    let (out, _lse) = gpu::selected_decode(
+        &plan, attn.query, attn.key_cache, attn.value_cache, attn.block_tables, &selection, attn.softmax_scale, attn.softcap,
+    )?;
+    let read = context_lens.iter().zip(budget_pages).map(|(&c, &b)| selected_len(c, b, summaries.block_size)).sum::<usize>();
+    Ok((out, (read * summaries.kv_heads) as u64))
+}
+
+/// The newest rows' selection, read back to the host (retro builds its row masks there).
+pub fn select_to_host(
+    summaries: &DeviceSummaries,
+    layer: usize,
+    attn: &DecodeAttention<'_>,
+    context_lens: &[usize],
+    budget_pages: &[usize],
+) -> Result<PageSelection> {
+    let rows = rows_per_sequence(attn, context_lens.len())?;
+    let plan = summaries.plan(context_lens, budget_pages, rows, attn.query.device())?;
+    let selection = gpu::select_pages(&plan, attn.query, &summaries.layers[layer], attn.block_tables)?;
+    let stride = plan.plan.stride.max(1);
+    let padded = PaddedLists {
+        stride,
+        pages: selection.pages.flatten_all()?.to_vec1::<u32>()?,
+        counts: selection.counts.to_vec1::<u32>()?,
+        masks: vec![all_rows_mask(rows); plan.plan.lists() * stride],
+        longest: Vec::new(),
+    };
+    Ok(padded.to_selection(summaries.kv_heads))
+}
+
+/// The fused decode over a host-built selection with row masks: output (on the device, query
+/// dtype) and lse per (row, head) on the host, as `cpu::paged_decode_selected` returns them.
+pub fn decode_selection(
+    summaries: &DeviceSummaries,
+    attn: &DecodeAttention<'_>,
+    context_lens: &[usize],
+    selection: &PageSelection,
+) -> Result<(Tensor, Vec<f32>)> {
+    let batch = context_lens.len();
+    let rows = rows_per_sequence(attn, batch)?;
+    let padded = PaddedLists::from_selection(selection, batch);
+    // A budget equal to each sequence's longest list gives a plan whose stride fits every list.
+    let budgets: Vec<usize> = padded.longest.iter().map(|&l| l as usize).collect();
+    let dev = attn.query.device();
+    let plan = summaries.plan(context_lens, &budgets, rows, dev)?;
+    if plan.plan.stride < padded.stride {
+        bail!("retro: decode plan stride {} is shorter than the selection's {}", plan.plan.stride, padded.stride);
+    }
+    let lists = plan.plan.lists();
+    let stride = plan.plan.stride.max(1);
+    // Re-pad to the plan's stride (longer only where a sequence's lists are all under 2 pages).
+    let mut pages = vec![0u32; lists * stride];
+    let mut masks = vec![0u32; lists * stride];
+    for l in 0..lists {
+        let n = padded.counts[l] as usize;
+        pages[l * stride..l * stride + n].copy_from_slice(&padded.pages[l * padded.stride..l * padded.stride + n]);
+        masks[l * stride..l * stride + n].copy_from_slice(&padded.masks[l * padded.stride..l * padded.stride + n]);
+    }
+    let on_device = gpu::Selection {
+        pages: Tensor::from_vec(pages, (lists, stride), dev)?,
+        counts: Tensor::from_vec(padded.counts, lists, dev)?,
+        masks: Some(Tensor::from_vec(masks, (lists, stride), dev)?),
+    };
+    let (out, lse) = gpu::selected_decode(
+        &plan, attn.query, attn.key_cache, attn.value_cache, attn.block_tables, &on_device, attn.softmax_scale, attn.softcap,
+    )?;
+    Ok((out, lse.flatten_all()?.to_vec1::<f32>()?))
+}
