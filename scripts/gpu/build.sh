@@ -2,7 +2,8 @@
 # Builds the GPU check and benchmark binaries and the CUDA server on this CPU-only machine (CUDA 13.0
 # toolkit from PyPI, see ../shared/GPU.md) and packs them, xz-compressed, into gpu-dist/ for the GPU
 # machine, with the end-to-end driver, the SmolLM2 tokenizer (for the random-weight model) and the
-# SmolLM2 GGUF in two parts (one transfer carries 64 MiB: send gpu-dist/ without gguf-b, then gguf-b).
+# SmolLM2 GGUF in three parts, gpu-dist/gguf-{1,2,3}/ (one transfer carries 64 MiB: send one part
+# with each call; run.sh stashes them in $HOME/gguf-parts on the GPU machine until all are there).
 # Usage: scripts/gpu/build.sh   (first run: mistralrs-core with cuda, ~30 minutes on 2 cores)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -13,15 +14,14 @@ cargo fetch --quiet
 source "$root/../shared/gpu/cuda-toolkit.sh" >/dev/null
 export CARGO_TARGET_DIR="$root/target/cuda"
 cargo build --release -p mistralrs-retro --features cuda --bin retro-gpu-check --bin retro-gpu-bench --bin mistralrs-server
-mkdir -p gpu-dist/gguf-a gpu-dist/gguf-b
+mkdir -p gpu-dist/gguf-1 gpu-dist/gguf-2 gpu-dist/gguf-3
 for b in retro-gpu-check retro-gpu-bench mistralrs-server; do
   xz -6 -T2 -c "$CARGO_TARGET_DIR/release/$b" > "gpu-dist/$b.xz"
 done
 cp scripts/gpu/run.sh scripts/gpu/e2e.py gpu-dist/
 cp models/smollm2-135m-instruct-f32/tokenizer.json gpu-dist/
 gguf=models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-half=$(( ($(stat -c %s "$gguf") + 1) / 2 ))
-head -c "$half" "$gguf" > gpu-dist/gguf-a/part
-tail -c +"$((half + 1))" "$gguf" > gpu-dist/gguf-b/part
+third=$(( ($(stat -c %s "$gguf") + 2) / 3 ))
+for i in 1 2 3; do dd if="$gguf" of="gpu-dist/gguf-$i/part" bs="$third" skip=$((i - 1)) count=1 status=none; done
 sha256sum "$gguf" | cut -d' ' -f1 > gpu-dist/gguf.sha256
 ls -la gpu-dist

@@ -59,7 +59,7 @@ def gen(model_dir, layers):
             t[p + "mlp.down_proj.weight"] = rnd(h, inter)
             t[p + "input_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
             t[p + "post_attention_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
-        name = f"model-{shard:05d}.safetensors"
+        name = f"model-{shard + 1:05d}-of-{layers + 1:05d}.safetensors"  # the names mistral.rs looks for
         save_file(t, os.path.join(model_dir, name), metadata={"format": "pt"})
         index.update({k: name for k in t})
     json.dump({"metadata": {}, "weight_map": index}, open(os.path.join(model_dir, "model.safetensors.index.json"), "w"))

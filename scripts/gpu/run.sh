@@ -13,8 +13,11 @@ done
 if [ "$what" = e2e ]; then
   step=${1:-run}; shift || true
   gguf=gpu-work/SmolLM2-135M-Instruct.Q4_1.gguf
+  mkdir -p "$HOME/gguf-parts"
+  for i in 1 2 3; do [ -f "gpu-dist/gguf-$i/part" ] && cp "gpu-dist/gguf-$i/part" "$HOME/gguf-parts/$i"; done
+  ls "$HOME/gguf-parts"
   if [ "$step" = sanity ] && [ ! -f "$gguf" ]; then
-    cat gpu-dist/gguf-a/part gpu-dist/gguf-b/part > "$gguf"
+    cat "$HOME/gguf-parts/1" "$HOME/gguf-parts/2" "$HOME/gguf-parts/3" > "$gguf"
     [ "$(sha256sum "$gguf" | cut -d' ' -f1)" = "$(cat gpu-dist/gguf.sha256)" ] || { echo "gguf parts do not join to the original" >&2; rm -f "$gguf"; exit 1; }
   fi
   mkdir -p gpu-work/llama8b-random && cp gpu-dist/tokenizer.json gpu-work/llama8b-random/
