@@ -14,4 +14,4 @@
 pub mod cuda;
 
 mod plan;
-pub use plan::DecodePlan;
+pub use plan::{selected_len, DecodePlan};

@@ -1,6 +1,14 @@
 //! Host-side planning of a sparse decode step: everything the kernels need that depends only on
 //! the batch's lengths and budgets, computed once per step and reused by every layer.
 
+/// Length of every page list a sequence of `context` tokens gets: all its pages when the budget
+/// covers them, else the budget (never below the first + last page). The CPU and GPU selections
+/// follow this rule, so the host knows what a step reads without reading it back.
+pub fn selected_len(context: usize, budget_pages: usize, block_size: usize) -> usize {
+    let pages = context.div_ceil(block_size);
+    if budget_pages >= pages { pages } else { budget_pages.max(2).min(pages) }
+}
+
 /// Shapes and work partition of one decode step.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DecodePlan {
@@ -42,10 +50,7 @@ impl DecodePlan {
         let stride = context_lens
             .iter()
             .zip(budget_pages)
-            .map(|(&t, &b)| {
-                let p = pages(t);
-                if b as usize >= p { p } else { (b as usize).max(2).min(p) }
-            })
+            .map(|(&t, &b)| selected_len(t as usize, b as usize, block_size))
             .max()
             .unwrap_or(0);
         let lists = context_lens.len() * kv_heads;

@@ -91,13 +91,8 @@ pub fn pages_read(selection: &PageSelection) -> usize {
     selection.entries.len()
 }
 
-/// Length of every list [`select_pages`] makes for a sequence of `context` tokens: all its pages
-/// when the budget covers them, else the budget (never below the first + last page). The GPU
-/// selection follows the same rule, so the host knows what a step reads without reading it back.
-pub fn selected_len(context: usize, budget_pages: usize, block_size: usize) -> usize {
-    let pages = context.div_ceil(block_size);
-    if budget_pages >= pages { pages } else { budget_pages.max(2).min(pages) }
-}
+/// The list-length rule [`select_pages`] follows, shared with the device plan.
+pub use retro_kernels::selected_len;
 
 /// A selection in the device kernels' layout: lists padded to `stride` pages (`pages` and `masks`
 /// `[lists * stride]`, `counts [lists]`), and per sequence its longest list.
