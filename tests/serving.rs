@@ -265,42 +265,51 @@ fn sixty_four_concurrent_streams_complete_well_formed() {
 }
 
 /// Preemption under a KV pool too small for the batch: the scheduler preempts and re-prefills, and
-/// the greedy text per request is the one of a run with ample memory, for `full` and for `quest`
-/// with its default budget (a 256-token floor, which covers these contexts). Below its budget, and
-/// for `retro`, a re-prefill recomputes the generated tokens' K/V densely where the first pass had
-/// computed them from sparse attention, so the continuation may differ: for those the guarantee is
-/// that every request completes and every block comes back (checked with retro).
-///
-/// Ignored in CI: with `full` (upstream's length bucketing) two sequences that cannot both fit thrash
-/// (each step preempts the other one, ~120 preemptions for 4 requests) and once the engine stalled
-/// with requests outstanding and no step running: under investigation. Run it by hand with
+/// the greedy text per request is the one of a run with ample memory, for `quest` with its default
+/// budget (a 256-token floor, which covers these contexts). Below its budget, and for `retro`, a
+/// re-prefill recomputes the generated tokens' K/V densely where the first pass had computed them
+/// from sparse attention, so the continuation may differ: for `retro` the guarantee is that every
+/// request completes with text, every KV block comes back and the output-cache pool is empty again.
+#[test]
+fn preemption_under_a_small_kv_pool_is_exact_for_quest_and_completes_for_retro() {
+    check_preemption(&["--kv-policy", "quest"], true);
+    check_preemption(&["--kv-policy", "retro", "--kv-window", "4", "--kv-budget-tokens", "64"], false);
+}
+
+/// The same for `full`, which keeps upstream's length bucketing: ignored in CI because there two
+/// sequences that cannot both fit thrash (each step preempts the other one, ~120 preemptions for 4
+/// requests) and once the engine stalled with requests outstanding and no step running (upstream's
+/// scheduler; not investigated further). Run it by hand with
 /// `cargo test --release --test serving preemption -- --ignored`.
 #[test]
-#[ignore = "the engine can stall under a KV pool this small with full's bucketing; see the doc comment"]
-fn preemption_under_a_small_kv_pool_is_exact_for_full_and_quest() {
+#[ignore = "upstream's bucketing under full can thrash or stall under a KV pool this small; see the doc comment"]
+fn preemption_under_a_small_kv_pool_is_exact_for_full() {
+    check_preemption(&["--kv-policy", "full"], true);
+}
+
+fn check_preemption(policy: &[&str], exact: bool) {
     let model = smollm2_dir();
     let prompts: Vec<String> = ragged_prompts().into_iter().take(4).collect();
     let tight = ["--pa-context-len", "320", "--max-seqs", "4"];
-    for policy in [&["--kv-policy", "full"][..], &["--kv-policy", "quest"], &["--kv-policy", "retro", "--kv-window", "4", "--kv-budget-tokens", "64"]] {
-        let base: Vec<&str> =
-            [&["--model", model.to_str().unwrap(), "--cpu", "--pa-block-size", "16", "--no-prefix-cache"][..], policy].concat();
-        let ample: Vec<String> = {
-            let server = Server::start(&base);
-            prompts.iter().map(|p| server.greedy_chat(p, 64)).collect()
-        };
-        let server = Server::start(&[&base[..], &tight].concat());
-        server.greedy_chat("Hi.", 2);
-        let baseline = free_blocks_when_idle(&server);
-        let squeezed: Vec<String> = std::thread::scope(|scope| {
-            let handles: Vec<_> = prompts.iter().map(|p| scope.spawn(|| server.greedy_chat(p, 64))).collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        });
-        assert!(metric(&server, "mistralrs_kv_preemptions_total") > 0.0, "{policy:?}: the pool was not small enough to preempt");
-        assert_eq!(free_blocks_when_idle(&server), baseline, "{policy:?}: KV blocks leaked");
-        if policy[1] == "retro" {
-            assert!(squeezed.iter().all(|t| !t.is_empty()), "{policy:?}: {squeezed:?}");
-        } else {
-            assert_eq!(ample, squeezed, "{policy:?}: preemption changed the text");
-        }
+    let base: Vec<&str> =
+        [&["--model", model.to_str().unwrap(), "--cpu", "--pa-block-size", "16", "--no-prefix-cache"][..], policy].concat();
+    let ample: Vec<String> = {
+        let server = Server::start(&base);
+        prompts.iter().map(|p| server.greedy_chat(p, 64)).collect()
+    };
+    let server = Server::start(&[&base[..], &tight].concat());
+    server.greedy_chat("Hi.", 2);
+    let baseline = free_blocks_when_idle(&server);
+    let squeezed: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = prompts.iter().map(|p| scope.spawn(|| server.greedy_chat(p, 64))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(metric(&server, "mistralrs_kv_preemptions_total") > 0.0, "{policy:?}: the pool was not small enough to preempt");
+    assert_eq!(free_blocks_when_idle(&server), baseline, "{policy:?}: KV blocks leaked");
+    if exact {
+        assert_eq!(ample, squeezed, "{policy:?}: preemption changed the text");
+    } else {
+        assert!(squeezed.iter().all(|t| !t.is_empty()), "{policy:?}: {squeezed:?}");
+        assert_eq!(metric(&server, "mistralrs_kv_retro_output_cache_blocks_in_use"), 0.0, "{policy:?}: output cache leaked");
     }
 }

@@ -333,23 +333,13 @@ fn device(force_cpu: bool) -> Result<Device> {
     Ok(Device::Cpu)
 }
 
-/// Load the model with the policy installed, and build the engine. Also returns the installed
-/// policy (`None` with --no-paged-attn), for `/metrics`.
-pub async fn build_engine(
-    args: &ServerArgs,
-) -> Result<(mistralrs_server_core::types::SharedMistralRsState, Option<Arc<dyn ServedPolicy>>)> {
-    let policy = install_policy(args)?;
-    build_engine_with_policy(args, policy).await
-}
-
 /// The policy the flags and config file select, installed (`None` with --no-paged-attn).
-fn install_policy(args: &ServerArgs) -> Result<Option<Arc<dyn ServedPolicy>>> {
-    let (policy_config, _) = args.validate()?;
+fn install_policy(args: &ServerArgs, policy_config: &PolicyConfig) -> Option<Arc<dyn ServedPolicy>> {
     // `policy::install` also sets the CPU row-split limit of the linear layers for the policy.
-    Ok((!args.no_paged_attn).then(|| {
+    (!args.no_paged_attn).then(|| {
         info!("{}", policy_config.describe());
-        crate::policy::install(&policy_config)
-    }))
+        crate::policy::install(policy_config)
+    })
 }
 
 /// The `/metrics` text: HTTP numbers, the policy's, the KV pool's and the tensor-parallel rank.
@@ -381,8 +371,8 @@ async fn bind(args: &ServerArgs) -> Result<(tokio::net::TcpListener, SocketAddr)
 /// A ring rank other than 0. Upstream's engine there takes its requests from rank 0 and never
 /// returns, so this process serves only its own `/metrics` (its heads' policy numbers and KV pool)
 /// and `/health`, on --host/--port, from before the model loads.
-async fn serve_worker(args: &ServerArgs, ring: RingRank) -> Result<()> {
-    let policy = install_policy(args)?;
+async fn serve_worker(args: &ServerArgs, policy_config: &PolicyConfig, source: &ModelSource, ring: RingRank) -> Result<()> {
+    let policy = install_policy(args, policy_config);
     let (listener, addr) = bind(args).await?;
     let app = axum::Router::new()
         .route("/metrics", metrics_route(Arc::default(), policy.clone(), Some(ring.clone())))
@@ -390,17 +380,19 @@ async fn serve_worker(args: &ServerArgs, ring: RingRank) -> Result<()> {
     tokio::spawn(async move { axum::serve(listener, app).await });
     info!("tensor-parallel worker rank {} of {}: its metrics on http://{addr}/metrics", ring.rank, ring.world_size);
     println!("mistralrs-server rank {} of {}: worker, metrics on http://{addr}/metrics", ring.rank, ring.world_size);
-    build_engine_with_policy(args, policy).await?;
+    build_engine_with_policy(args, source, policy).await?;
     bail!("tensor-parallel worker rank {}: the engine returned, which upstream's worker never does", ring.rank)
 }
 
-/// [`build_engine`] with a policy built by the caller (the quality harness installs one that it
-/// can swap between runs); `None` or --no-paged-attn: upstream's eager attention.
+/// Load the model from `source` (what `args.validate()` returned) with `policy` registered, and
+/// build the engine; also returns the policy, for `/metrics`. The server passes the one its flags
+/// select, the quality harness one that it can swap between runs; `None` or --no-paged-attn:
+/// upstream's eager attention.
 pub async fn build_engine_with_policy(
     args: &ServerArgs,
+    source: &ModelSource,
     policy: Option<Arc<dyn ServedPolicy>>,
 ) -> Result<(mistralrs_server_core::types::SharedMistralRsState, Option<Arc<dyn ServedPolicy>>)> {
-    let (_, source) = args.validate()?;
     // Never reach for the hub: models are local paths.
     std::env::set_var("HF_HUB_OFFLINE", "1");
 
@@ -456,17 +448,19 @@ pub async fn build_engine_with_policy(
 
 /// Serve until SIGINT/SIGTERM.
 pub async fn serve(args: ServerArgs) -> Result<()> {
+    // Once: it re-reads the policy file and, for a GGUF, the file's metadata.
+    let (policy_config, source) = args.validate()?;
     let ring = crate::tp::ring_rank()?;
     if let Some(ring) = &ring {
-        let (_, source) = args.validate()?;
         crate::tp::check_model(ring, &source)?;
         info!("tensor parallel: rank {} of {} (ring backend, {})", ring.rank, ring.world_size, ring.config.display());
         if ring.rank != 0 {
-            return serve_worker(&args, ring.clone()).await;
+            return serve_worker(&args, &policy_config, &source, ring.clone()).await;
         }
     }
-    let (engine, installed) = build_engine(&args).await?;
-    let limits = Arc::new(request_limits(&args, &engine));
+    let policy = install_policy(&args, &policy_config);
+    let (engine, installed) = build_engine_with_policy(&args, &source, policy).await?;
+    let limits = Arc::new(request_limits(&args, &source, &engine));
     let http = Arc::new(metrics::HttpMetrics::default());
     let counted = http.clone();
     let app = MistralRsServerRouterBuilder::new()
@@ -502,9 +496,9 @@ pub async fn serve(args: ServerArgs) -> Result<()> {
 }
 
 /// What `validate::check` holds requests against.
-fn request_limits(args: &ServerArgs, engine: &mistralrs_core::MistralRs) -> validate::RequestLimits {
-    let tokenizer = match args.validate().map(|(_, source)| source) {
-        Ok(ModelSource::SafetensorsDir(dir)) => tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).ok(),
+fn request_limits(args: &ServerArgs, source: &ModelSource, engine: &mistralrs_core::MistralRs) -> validate::RequestLimits {
+    let tokenizer = match source {
+        ModelSource::SafetensorsDir(dir) => tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).ok(),
         _ => None,
     };
     validate::RequestLimits {

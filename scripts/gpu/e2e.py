@@ -24,6 +24,8 @@ def gen(model_dir, layers):
     import torch
     from safetensors.torch import save_file
     os.makedirs(model_dir, exist_ok=True)
+    import shutil
+    shutil.copy("gpu-dist/tokenizer.json", model_dir)
     if os.path.exists(os.path.join(model_dir, "done")):
         return
     h, inter, heads, kv, hd, vocab = 4096, 14336, 32, 8, 128, 49152

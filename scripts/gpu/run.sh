@@ -20,7 +20,6 @@ if [ "$what" = e2e ]; then
     cat "$HOME/gguf-parts/1" "$HOME/gguf-parts/2" "$HOME/gguf-parts/3" > "$gguf"
     [ "$(sha256sum "$gguf" | cut -d' ' -f1)" = "$(cat gpu-dist/gguf.sha256)" ] || { echo "gguf parts do not join to the original" >&2; rm -f "$gguf"; exit 1; }
   fi
-  mkdir -p gpu-work/llama8b-random && cp gpu-dist/tokenizer.json gpu-work/llama8b-random/
   exec python3 gpu-dist/e2e.py "$step" "$@"
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv | tee "$out/gpu.txt"

@@ -450,7 +450,8 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
         "--max-seqs", &(2 * nb + 1).to_string(), "--kv-policy", "full",
     ]);
     let switch = Arc::new(SwitchPolicy::new());
-    let (engine, _) = crate::server::build_engine_with_policy(&server_args, Some(switch.clone())).await?;
+    let (_, source) = server_args.validate()?;
+    let (engine, _) = crate::server::build_engine_with_policy(&server_args, &source, Some(switch.clone())).await?;
     let load_secs = started.elapsed().as_secs_f64();
 
     let per_phase_forced = |k: Kind| if k == Kind::Full { 1 } else { nb };

@@ -16,12 +16,15 @@ use mistralrs_core::kv_policy::{CacheAllocation, CacheWrite, DecodeAttention};
 use retro_kernels::cuda as gpu;
 use retro_kernels::DecodePlan;
 
-use super::plan::{selected_len, PaddedLists};
+use super::plan::{longest_lists, selected_len, PaddedLists};
 use crate::cpu::{all_rows_mask, PageSelection};
 
 /// CUDA blocks the sparse decode aims for (4 per SM of an H200, where it was tuned: docs/gpu.md)
 /// and the fewest pages a split holds.
 const SPLIT_TARGET: (usize, usize) = (132 * 4, 4);
+
+/// Decode plans kept between layers of a step (see `DeviceSummaries::plans`).
+const PLANS_KEPT: usize = 2;
 
 /// Per layer, f32 `[num_blocks, kv_heads, 2, head_dim]`: each block's min and max key per channel.
 pub struct DeviceSummaries {
@@ -30,9 +33,10 @@ pub struct DeviceSummaries {
     pub head_dim: usize,
     pub num_blocks: usize,
     layers: Vec<Tensor>,
-    /// The last decode plan: every sparse layer of a step asks for the same one (vLLM-style
-    /// metadata built once per step), so its per-sequence arrays are uploaded once.
-    last_plan: Mutex<Option<Arc<gpu::DevicePlan>>>,
+    /// The step's decode plans, newest first: every sparse layer of a step asks for the same ones
+    /// (vLLM-style metadata built once per step), so their per-sequence arrays are uploaded once.
+    /// Two, because retro alternates a selection plan (budget) and a decode plan (longest lists).
+    plans: Mutex<Vec<Arc<gpu::DevicePlan>>>,
 }
 
 impl DeviceSummaries {
@@ -51,7 +55,7 @@ impl DeviceSummaries {
             .iter()
             .map(|(k, _)| Tensor::zeros((num_blocks, kv_heads, 2, head_dim), DType::F32, k.device()))
             .collect::<Result<_>>()?;
-        Ok(Self { block_size, kv_heads, head_dim, num_blocks, layers, last_plan: Mutex::new(None) })
+        Ok(Self { block_size, kv_heads, head_dim, num_blocks, layers, plans: Mutex::new(Vec::with_capacity(PLANS_KEPT)) })
     }
 
     pub fn bytes(&self) -> usize {
@@ -87,20 +91,20 @@ fn rows_per_sequence(attn: &DecodeAttention<'_>, batch: usize) -> Result<usize> 
 }
 
 impl DeviceSummaries {
-    /// The step's plan for these lengths, budgets and rows: the last one if it matches.
+    /// The step's plan for these lengths, budgets and rows: a kept one if it matches.
     fn plan(&self, context_lens: &[usize], budget_pages: &[usize], rows: usize, device: &candle_core::Device) -> Result<Arc<gpu::DevicePlan>> {
         let ctx: Vec<u32> = context_lens.iter().map(|&c| c as u32).collect();
         let budgets: Vec<u32> = budget_pages.iter().map(|&b| b.min(u32::MAX as usize) as u32).collect();
-        let mut last = self.last_plan.lock().expect("plan lock poisoned");
-        if let Some(plan) = last.as_ref() {
-            let p = &plan.plan;
-            if p.rows == rows && p.context_lens == ctx && p.budget_pages == budgets {
-                return Ok(plan.clone());
-            }
+        let mut plans = self.plans.lock().expect("plan lock poisoned");
+        if let Some(at) = plans.iter().position(|p| p.plan.rows == rows && p.plan.context_lens == ctx && p.plan.budget_pages == budgets) {
+            let plan = plans.remove(at);
+            plans.insert(0, plan.clone());
+            return Ok(plan);
         }
         let plan = DecodePlan::new(&ctx, &budgets, rows, self.kv_heads, self.block_size, SPLIT_TARGET.0, SPLIT_TARGET.1);
         let plan = Arc::new(gpu::DevicePlan::upload(plan, device)?);
-        *last = Some(plan.clone());
+        plans.truncate(PLANS_KEPT - 1);
+        plans.insert(0, plan.clone());
         Ok(plan)
     }
 }
@@ -142,7 +146,6 @@ pub fn select_to_host(
         pages: selection.pages.flatten_all()?.to_vec1::<u32>()?,
         counts: selection.counts.to_vec1::<u32>()?,
         masks: vec![all_rows_mask(rows); plan.plan.lists() * stride],
-        longest: Vec::new(),
     };
     Ok(padded.to_selection(summaries.kv_heads))
 }
@@ -157,28 +160,19 @@ pub fn decode_selection(
 ) -> Result<(Tensor, Vec<f32>)> {
     let batch = context_lens.len();
     let rows = rows_per_sequence(attn, batch)?;
-    let padded = PaddedLists::from_selection(selection, batch);
     // A budget equal to each sequence's longest list gives a plan whose stride fits every list.
-    let budgets: Vec<usize> = padded.longest.iter().map(|&l| l as usize).collect();
+    let budgets = longest_lists(selection, batch);
     let dev = attn.query.device();
     let plan = summaries.plan(context_lens, &budgets, rows, dev)?;
-    if plan.plan.stride < padded.stride {
-        bail!("retro: decode plan stride {} is shorter than the selection's {}", plan.plan.stride, padded.stride);
-    }
-    let lists = plan.plan.lists();
-    let stride = plan.plan.stride.max(1);
-    // Re-pad to the plan's stride (longer only where a sequence's lists are all under 2 pages).
-    let mut pages = vec![0u32; lists * stride];
-    let mut masks = vec![0u32; lists * stride];
-    for l in 0..lists {
-        let n = padded.counts[l] as usize;
-        pages[l * stride..l * stride + n].copy_from_slice(&padded.pages[l * padded.stride..l * padded.stride + n]);
-        masks[l * stride..l * stride + n].copy_from_slice(&padded.masks[l * padded.stride..l * padded.stride + n]);
+    let (lists, stride) = (plan.plan.lists(), plan.plan.stride.max(1));
+    let padded = PaddedLists::from_selection(selection, batch, stride);
+    if padded.stride != stride {
+        bail!("retro: decode plan stride {stride} is shorter than the selection's {}", padded.stride);
     }
     let on_device = gpu::Selection {
-        pages: Tensor::from_vec(pages, (lists, stride), dev)?,
+        pages: Tensor::from_vec(padded.pages, (lists, stride), dev)?,
         counts: Tensor::from_vec(padded.counts, lists, dev)?,
-        masks: Some(Tensor::from_vec(masks, (lists, stride), dev)?),
+        masks: Some(Tensor::from_vec(padded.masks, (lists, stride), dev)?),
     };
     let (out, lse) = gpu::selected_decode(
         &plan, attn.query, attn.key_cache, attn.value_cache, attn.block_tables, &on_device, attn.softmax_scale, attn.softcap,

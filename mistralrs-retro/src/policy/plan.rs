@@ -95,32 +95,36 @@ pub fn pages_read(selection: &PageSelection) -> usize {
 pub use retro_kernels::selected_len;
 
 /// A selection in the device kernels' layout: lists padded to `stride` pages (`pages` and `masks`
-/// `[lists * stride]`, `counts [lists]`), and per sequence its longest list.
+/// `[lists * stride]`, `counts [lists]`).
 #[derive(Debug, PartialEq)]
 pub struct PaddedLists {
     pub stride: usize,
     pub pages: Vec<u32>,
     pub counts: Vec<u32>,
     pub masks: Vec<u32>,
-    pub longest: Vec<u32>,
+}
+
+/// Per sequence, the longest of its KV heads' lists (what a device plan's stride must hold).
+pub fn longest_lists(selection: &PageSelection, batch: usize) -> Vec<usize> {
+    let kv_heads = selection.kv_heads;
+    (0..batch)
+        .map(|seq| (0..kv_heads).map(|h| selection.list(seq, h).len()).max().unwrap_or(0))
+        .collect()
 }
 
 impl PaddedLists {
-    pub fn from_selection(selection: &PageSelection, batch: usize) -> Self {
-        let kv_heads = selection.kv_heads;
-        let lists = batch * kv_heads;
-        let lens: Vec<usize> = (0..lists).map(|l| selection.offsets[l + 1] - selection.offsets[l]).collect();
-        let stride = lens.iter().copied().max().unwrap_or(0).max(1);
-        let mut out = Self { stride, pages: vec![0; lists * stride], counts: vec![0; lists], masks: vec![0; lists * stride], longest: vec![0; batch] };
-        for (l, &len) in lens.iter().enumerate() {
+    /// Padded to `stride`, or to the longest list where that is longer, so one copy fits the plan.
+    pub fn from_selection(selection: &PageSelection, batch: usize, stride: usize) -> Self {
+        let lists = batch * selection.kv_heads;
+        let stride = (0..lists).map(|l| selection.offsets[l + 1] - selection.offsets[l]).max().unwrap_or(0).max(stride).max(1);
+        let mut out = Self { stride, pages: vec![0; lists * stride], counts: vec![0; lists], masks: vec![0; lists * stride] };
+        for l in 0..lists {
             let entries = &selection.entries[selection.offsets[l]..selection.offsets[l + 1]];
             for (i, e) in entries.iter().enumerate() {
                 out.pages[l * stride + i] = e.page;
                 out.masks[l * stride + i] = e.rows;
             }
-            out.counts[l] = len as u32;
-            let seq = l / kv_heads;
-            out.longest[seq] = out.longest[seq].max(len as u32);
+            out.counts[l] = entries.len() as u32;
         }
         out
     }
@@ -162,11 +166,15 @@ mod tests {
             }
             sel.finish_list();
         }
-        let padded = PaddedLists::from_selection(&sel, 2);
+        assert_eq!(longest_lists(&sel, 2), vec![3, 1]);
+        let padded = PaddedLists::from_selection(&sel, 2, 0);
         assert_eq!(padded.stride, 3);
         assert_eq!(padded.counts, vec![3, 2, 1, 0]);
-        assert_eq!(padded.longest, vec![3, 1]);
         assert_eq!(&padded.pages[3..6], &[0, 9, 0]);
+        let wider = PaddedLists::from_selection(&sel, 2, 5);
+        assert_eq!(wider.stride, 5);
+        assert_eq!(&wider.pages[5..10], &[0, 9, 0, 0, 0]);
+        assert_eq!(wider.to_selection(2).entries, sel.entries);
         assert_eq!(&padded.masks[0..3], &[3, 3, 3]);
         let back = padded.to_selection(2);
         assert_eq!(back.offsets, sel.offsets);
