@@ -227,6 +227,10 @@ pub fn select_pages(plan: &DevicePlan, queries: &Tensor, bounds: &Tensor, block_
     if heads % p.kv_heads != 0 {
         bail!("retro-kernels: {heads} query heads do not group over {} kv heads", p.kv_heads);
     }
+    // The kernel reads budgets as int: a larger one would wrap negative and select two pages.
+    if let Some(b) = p.budget_pages.iter().find(|&&b| b > i32::MAX as u32) {
+        bail!("retro-kernels: budget of {b} pages exceeds i32::MAX (clamp it to the sequence's pages)");
+    }
     let (num_blocks, kv_heads, two, bounds_dim) = bounds.dims4()?;
     if kv_heads != p.kv_heads || two != 2 || bounds_dim != head_dim {
         bail!("retro-kernels: page bounds {:?} do not fit {} kv heads x head dim {head_dim}", bounds.dims(), p.kv_heads);

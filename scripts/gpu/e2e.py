@@ -15,9 +15,14 @@ machine (issue 6, item 4). Runs there, from the repository root, with gpu-dist/ 
 
 Results: one JSON line per measurement in $OUT/e2e.jsonl, a table on stdout.
 """
-import argparse, http.client, json, os, random, subprocess, sys, threading, time
+import argparse, http.client, json, os, random, re, subprocess, sys, threading, time
 
 OUT = os.environ.get("OUT", "gpu-out")
+
+
+def file_label(text):
+    """A file-name-safe label (the device transfer drops names with '=' and other odd characters)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
 
 def gen(model_dir, layers):
@@ -121,7 +126,11 @@ def stream(port, prompt, max_tokens, times, stop, result):
             line = line.strip()
             if not line.startswith(b"data:") or line == b"data: [DONE]":
                 continue
-            ev = json.loads(line[5:])
+            try:
+                ev = json.loads(line[5:])
+            except ValueError:  # upstream streams an engine error as plain text
+                result["error"] = f"stream event is not JSON: {line[:500]!r}"
+                return
             for ch in ev.get("choices", []):
                 if ch.get("text"):
                     times.append(time.time())
@@ -188,15 +197,17 @@ def run(args):
         flags += [] if name == "full" else ["--kv-budget-tokens", str(args.budget)]
         flags += [f for e in extra for f in e.split("=", 1)]
         label = name + ("" if not extra else " " + " ".join(extra))
-        srv = Server(args.binary, flags, args.port, os.path.join(OUT, f"server-{label.replace(' ', '_')}.log"))
+        model = os.path.basename(os.path.normpath(args.model))
+        srv = Server(args.binary, flags, args.port, os.path.join(OUT, f"server-{model}-{file_label(label)}.log"))
         print(f"{label}: server up in {srv.load_s:.0f} s", flush=True)
         try:
             for ctx in args.contexts:
                 for b in args.batches:
                     prompts = [words_prompt(ctx, 1000 * ctx + i, tok) for i in range(b)]
                     m = measure(args.port, prompts, args.window, args.max_tokens)
-                    rec = {"kind": "e2e", "policy": name, "context": ctx, "batch": b, "budget": args.budget,
-                           "window": int(dict(e.split("=") for e in extra).get("--kv-window", 2 if name == "retro" else 1)),
+                    rec = {"kind": "e2e", "model": model, "policy": name, "context": ctx, "batch": b, "budget": args.budget,
+                           "window": int(dict(e.split("=", 1) for e in extra if "=" in e).get("--kv-window", 2 if name == "retro" else 1)),
+                           "flags": extra,
                            "ms": 1e3 * b / m["tok_s"] if m["tok_s"] else None, "gbps": None, "tok_s": m["tok_s"],
                            "prefill_s": m["prefill_s"], "errors": m["errors"], "finished_early": m["finished_early"]}
                     rows.append(rec)
@@ -205,7 +216,7 @@ def run(args):
                     print(f"{label:>14} ctx {ctx:>6} batch {b:>2}: {m['tok_s']:8.1f} tok/s ({m['tokens']} tokens in "
                           f"{m['window_s']:.1f} s; prefills {m['prefill_s']:.0f} s){' ERR ' + str(m['errors']) if m['errors'] else ''}",
                           flush=True)
-            open(os.path.join(OUT, f"metrics-{label.replace(' ', '_')}.txt"), "w").write(srv.metrics())
+            open(os.path.join(OUT, f"metrics-{model}-{file_label(label)}.txt"), "w").write(srv.metrics())
         finally:
             srv.stop()
     full = {(r["context"], r["batch"]): r["tok_s"] for r in rows if r["policy"] == "full"}
@@ -221,10 +232,11 @@ def sanity(args):
     prompt = "Explain in a few sentences why the sky is blue, then list three colours."
     # Budget above the context first (must equal full), then 64 tokens (2 pages: the sparse path runs).
     for policy, budget in [("full", None), ("quest", 100000), ("retro", 100000), ("quest", 64), ("retro", 64)]:
-        flags = ["--model", args.gguf, "--kv-policy", policy, "--max-seqs", "4", "--pa-block-size", "32"]
+        # f32 as the CPU build runs it: bf16 rounding would let two correct kernels drift apart.
+        flags = ["--model", args.gguf, "--dtype", "f32", "--kv-policy", policy, "--max-seqs", "4", "--pa-block-size", "32"]
         flags += [] if budget is None else ["--kv-budget-tokens", str(budget)]
         key = policy if budget in (None, 100000) else f"{policy} budget {budget}"
-        srv = Server(args.binary, flags, args.port, os.path.join(OUT, f"sanity-{key.replace(' ', '_')}.log"))
+        srv = Server(args.binary, flags, args.port, os.path.join(OUT, f"sanity-{file_label(key)}.log"))
         try:
             c = http.client.HTTPConnection("127.0.0.1", args.port, timeout=300)
             body = {"model": "default", "messages": [{"role": "user", "content": prompt}], "max_tokens": 96, "temperature": 0}
@@ -232,23 +244,56 @@ def sanity(args):
             r = json.loads(c.getresponse().read())
             texts[key] = r["choices"][0]["message"]["content"] if "choices" in r else f"ERROR {r}"
             texts[key + " usage"] = r.get("usage")
-            open(os.path.join(OUT, f"sanity-metrics-{key.replace(' ', '_')}.txt"), "w").write(srv.metrics())
+            open(os.path.join(OUT, f"sanity-metrics-{file_label(key)}.txt"), "w").write(srv.metrics())
         finally:
             srv.stop()
         print(f"sanity {key}: {texts[key]!r}", flush=True)
     json.dump(texts, open(os.path.join(OUT, "sanity.json"), "w"), indent=1)
     same = texts["full"] == texts["quest"] == texts["retro"]
     print(f"sanity: full == quest == retro (budget above context): {same}")
+    if args.reference and os.path.exists(args.reference):
+        # The CPU build's texts for the same requests (`e2e.py sanity` run there).
+        ref = json.load(open(args.reference))
+        for key, text in texts.items():
+            if isinstance(text, str) and isinstance(ref.get(key), str):
+                agree = next((i for i, (a, b) in enumerate(zip(text, ref[key])) if a != b), min(len(text), len(ref[key])))
+                equal = text == ref[key]
+                same = same and (equal or "budget" in key)
+                print(f"sanity {key}: {'equal to' if equal else 'differs from'} the CPU build's text (first {agree} characters agree)")
     return same
+
+
+def compare(args):
+    """Greedy texts of one prompt under several policies on one model (random weights are fine: any
+    difference at a budget above the context is a bug). Prints each text and whether it equals the first."""
+    texts = []
+    prompt = words_prompt(args.contexts[0], 7, None)
+    for i, policy in enumerate(args.policies):
+        name, extra = policy.split(":")[0], policy.split(":")[1:]
+        flags = ["--model", args.model, "--dtype", args.dtype, "--kv-policy", name, "--max-seqs", "4"]
+        flags += [f for e in extra for f in e.split("=", 1)]
+        srv = Server(args.binary, flags, args.port + i, os.path.join(OUT, f"compare-{file_label(policy)}.log"))
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", args.port + i, timeout=300)
+            body = {"model": "default", "prompt": prompt, "max_tokens": 24, "temperature": 0}
+            c.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+            r = json.loads(c.getresponse().read())
+            texts.append(r["choices"][0]["text"] if "choices" in r else f"ERROR {r}")
+        finally:
+            srv.stop()
+        print(f"compare {policy}: {'same as first' if texts[-1] == texts[0] else 'DIFFERS'}: {texts[-1]!r}", flush=True)
+    return all(t == texts[0] for t in texts)
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["gen", "run", "sanity"])
+    ap.add_argument("what", choices=["gen", "run", "sanity", "compare"])
+    ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--binary", default="gpu-bin/mistralrs-server")
     ap.add_argument("--model", default="gpu-work/llama8b-random")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--gguf", default="gpu-work/SmolLM2-135M-Instruct.Q4_1.gguf")
+    ap.add_argument("--reference", default="gpu-dist/sanity-cpu.json", help="the CPU build's sanity.json")
     ap.add_argument("--policies", nargs="+", default=["full", "quest", "retro:--kv-window=2"])
     ap.add_argument("--contexts", nargs="+", type=int, default=[32768])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
@@ -263,6 +308,8 @@ def main():
         gen(args.model, args.layers)
     elif args.what == "run":
         run(args)
+    elif args.what == "compare":
+        sys.exit(0 if compare(args) else 1)
     else:
         sys.exit(0 if sanity(args) else 1)
 

@@ -14,10 +14,10 @@ if [ "$what" = e2e ]; then
   step=${1:-run}; shift || true
   gguf=gpu-work/SmolLM2-135M-Instruct.Q4_1.gguf
   mkdir -p "$HOME/gguf-parts"
-  for i in 1 2 3; do [ -f "gpu-dist/gguf-$i/part" ] && cp "gpu-dist/gguf-$i/part" "$HOME/gguf-parts/$i"; done
+  for d in gpu-dist/gguf-*; do [ -f "$d/part" ] && cp "$d/part" "$HOME/gguf-parts/${d#gpu-dist/gguf-}"; done
   ls "$HOME/gguf-parts"
-  if [ "$step" = sanity ] && [ ! -f "$gguf" ]; then
-    cat "$HOME/gguf-parts/1" "$HOME/gguf-parts/2" "$HOME/gguf-parts/3" > "$gguf"
+  if [ "$step" = sanity ] || [ "$step" = compare ] && [ -f "$HOME/gguf-parts/2" ] && [ ! -f "$gguf" ]; then
+    cat "$HOME"/gguf-parts/* > "$gguf"
     [ "$(sha256sum "$gguf" | cut -d' ' -f1)" = "$(cat gpu-dist/gguf.sha256)" ] || { echo "gguf parts do not join to the original" >&2; rm -f "$gguf"; exit 1; }
   fi
   exec python3 gpu-dist/e2e.py "$step" "$@"

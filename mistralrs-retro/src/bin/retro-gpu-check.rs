@@ -365,7 +365,7 @@ fn cases(rng: &mut Rng, quick: bool) -> Vec<Case> {
     for &dtype in &dtypes {
         for block_size in [16, 32] {
             for head_dim in [64, 128] {
-                for (kv_heads, group) in [(2, 1), (2, 4), (1, 8)] {
+                for (kv_heads, group) in [(2, 1), (2, 4), (1, 8), (3, 3)] {
                     for rows in [1, 2, 4, 8] {
                         let batch = 1 + rng.below(4);
                         let contexts: Vec<usize> = (0..batch)
