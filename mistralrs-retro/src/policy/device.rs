@@ -16,7 +16,7 @@ use mistralrs_core::kv_policy::{CacheAllocation, CacheWrite, DecodeAttention};
 use retro_kernels::cuda as gpu;
 use retro_kernels::DecodePlan;
 
-use super::plan::{longest_lists, selected_len, PaddedLists};
+use super::plan::{device_budgets, longest_lists, selected_len, PaddedLists};
 use crate::cpu::{all_rows_mask, PageSelection};
 
 /// CUDA blocks the sparse decode aims for (4 per SM of an H200, where it was tuned: docs/gpu.md)
@@ -94,13 +94,7 @@ impl DeviceSummaries {
     /// The step's plan for these lengths, budgets and rows: a kept one if it matches.
     fn plan(&self, context_lens: &[usize], budget_pages: &[usize], rows: usize, device: &candle_core::Device) -> Result<Arc<gpu::DevicePlan>> {
         let ctx: Vec<u32> = context_lens.iter().map(|&c| c as u32).collect();
-        // A budget above a sequence's pages means all of them (`selected_len`); clamp it to the page
-        // count, because the select kernel reads budgets as `int` (u32::MAX became -1: 2 pages).
-        let budgets: Vec<u32> = budget_pages
-            .iter()
-            .zip(context_lens)
-            .map(|(&b, &c)| b.min(c.div_ceil(self.block_size)) as u32)
-            .collect();
+        let budgets = device_budgets(context_lens, budget_pages, self.block_size);
         let mut plans = self.plans.lock().expect("plan lock poisoned");
         if let Some(at) = plans.iter().position(|p| p.plan.rows == rows && p.plan.context_lens == ctx && p.plan.budget_pages == budgets) {
             let plan = plans.remove(at);

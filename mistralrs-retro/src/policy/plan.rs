@@ -94,6 +94,17 @@ pub fn pages_read(selection: &PageSelection) -> usize {
 /// The list-length rule [`select_pages`] follows, shared with the device plan.
 pub use retro_kernels::selected_len;
 
+/// Budgets as the device plan takes them: a budget above a sequence's pages means all of them
+/// (`selected_len`), so it is clamped to the page count, because the select kernel reads budgets as
+/// `int` (an unclamped `usize::MAX` became -1 there and selected two pages).
+pub fn device_budgets(context_lens: &[usize], budget_pages: &[usize], block_size: usize) -> Vec<u32> {
+    budget_pages
+        .iter()
+        .zip(context_lens)
+        .map(|(&b, &c)| b.min(c.div_ceil(block_size)).min(i32::MAX as usize) as u32)
+        .collect()
+}
+
 /// A selection in the device kernels' layout: lists padded to `stride` pages (`pages` and `masks`
 /// `[lists * stride]`, `counts [lists]`).
 #[derive(Debug, PartialEq)]
@@ -155,6 +166,18 @@ mod tests {
         assert_eq!(selected_len(100, 1, 16), 2, "first and last page always");
         assert_eq!(selected_len(10, 1, 16), 1, "a one-page sequence reads its page");
         assert_eq!(selected_len(0, 4, 16), 0);
+    }
+
+    #[test]
+    fn device_budgets_keep_the_rule_and_fit_an_int() {
+        let ctx = [100, 10, 0, 1 << 40];
+        let budgets = device_budgets(&ctx, &[usize::MAX, 3, 5, usize::MAX], 16);
+        assert_eq!(budgets, vec![7, 1, 0, i32::MAX as u32]);
+        for ((&c, &b), &d) in ctx.iter().zip(&[usize::MAX, 3, 5, usize::MAX]).zip(&budgets) {
+            if c < 1 << 30 {
+                assert_eq!(selected_len(c, d as usize, 16), selected_len(c, b, 16), "context {c} budget {b}");
+            }
+        }
     }
 
     #[test]
