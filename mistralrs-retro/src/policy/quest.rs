@@ -212,6 +212,35 @@ impl StepTables {
     }
 }
 
+impl QuestPolicy {
+    /// Page summaries for the cache just allocated (`policy` names the policy in logs and errors:
+    /// retro allocates through this too).
+    pub(super) fn cache_allocated_for(&self, alloc: &CacheAllocation<'_>, policy: &str) -> Result<()> {
+        let Some((key_cache, _)) = alloc.caches.first() else { return Ok(()) };
+        let summaries = match key_cache.device() {
+            candle_core::Device::Cpu => Summaries::Host(Arc::new(PageSummaries::for_cache(alloc)?)),
+            #[cfg(feature = "cuda")]
+            candle_core::Device::Cuda(_) => Summaries::Device(Arc::new(super::device::DeviceSummaries::for_cache(alloc)?)),
+            other => bail!(
+                "kv-policy={policy} has no kernels for {:?} in this build (CPU{}); use --cpu or --kv-policy full",
+                other.location(),
+                if cfg!(feature = "cuda") { " and CUDA" } else { " only" }
+            ),
+        };
+        info!(
+            "kv-policy={policy}: paged KV cache on {:?}: {} layers, {} blocks of {} tokens, {:?}; page summaries {:.1} MB",
+            key_cache.device().location(),
+            alloc.caches.len(),
+            alloc.num_blocks,
+            alloc.block_size,
+            alloc.dtype,
+            summaries.bytes() as f64 / 1e6
+        );
+        *self.summaries.write().expect("lock poisoned") = Some(summaries);
+        Ok(())
+    }
+}
+
 impl KvPolicy for QuestPolicy {
     fn name(&self) -> &str {
         "quest"
@@ -222,28 +251,7 @@ impl KvPolicy for QuestPolicy {
     }
 
     fn cache_allocated(&self, alloc: &CacheAllocation<'_>) -> Result<()> {
-        let Some((key_cache, _)) = alloc.caches.first() else { return Ok(()) };
-        let summaries = match key_cache.device() {
-            candle_core::Device::Cpu => Summaries::Host(Arc::new(PageSummaries::for_cache(alloc)?)),
-            #[cfg(feature = "cuda")]
-            candle_core::Device::Cuda(_) => Summaries::Device(Arc::new(super::device::DeviceSummaries::for_cache(alloc)?)),
-            other => bail!(
-                "kv-policy=quest/retro has no kernels for {:?} in this build (CPU{}); use --cpu or --kv-policy full",
-                other.location(),
-                if cfg!(feature = "cuda") { " and CUDA" } else { " only" }
-            ),
-        };
-        info!(
-            "kv-policy=quest: paged KV cache on {:?}: {} layers, {} blocks of {} tokens, {:?}; page summaries {:.1} MB",
-            key_cache.device().location(),
-            alloc.caches.len(),
-            alloc.num_blocks,
-            alloc.block_size,
-            alloc.dtype,
-            summaries.bytes() as f64 / 1e6
-        );
-        *self.summaries.write().expect("lock poisoned") = Some(summaries);
-        Ok(())
+        self.cache_allocated_for(alloc, self.name())
     }
 
     /// The sparse kernel takes per-sequence context lengths: no length buckets (patch 0004).

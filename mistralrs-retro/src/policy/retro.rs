@@ -298,7 +298,7 @@ impl KvPolicy for RetroPolicy {
     }
 
     fn cache_allocated(&self, alloc: &CacheAllocation<'_>) -> Result<()> {
-        self.quest.cache_allocated(alloc)
+        self.quest.cache_allocated_for(alloc, self.name())
     }
 
     fn write_kv(&self, batch: &BatchInfo<'_>, write: &CacheWrite<'_>) -> Result<bool> {
