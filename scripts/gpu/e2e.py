@@ -15,7 +15,7 @@ machine (issue 6, item 4). Runs there, from the repository root, with gpu-dist/ 
 
 Results: one JSON line per measurement in $OUT/e2e.jsonl, a table on stdout.
 """
-import argparse, http.client, json, os, random, re, subprocess, sys, threading, time
+import argparse, http.client, json, os, random, re, shutil, subprocess, sys, threading, time
 
 OUT = os.environ.get("OUT", "gpu-out")
 
@@ -25,11 +25,31 @@ def file_label(text):
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
 
+def policy_spec(spec):
+    """`retro:--kv-window=2` -> ("retro", ["--kv-window=2"], ["--kv-window", "2"]): the policy, its
+    extra flags as written, and as server arguments."""
+    name, *extra = spec.split(":")
+    return name, extra, [f for e in extra for f in e.split("=", 1)]
+
+
+def ask_once(binary, flags, port, log, path, body, metrics=None):
+    """Start a server, send one request, stop it; the parsed JSON answer (and /metrics to `metrics`)."""
+    srv = Server(binary, flags, port, log)
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        c.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        answer = json.loads(c.getresponse().read())
+        if metrics:
+            open(metrics, "w").write(srv.metrics())
+        return answer
+    finally:
+        srv.stop()
+
+
 def gen(model_dir, layers):
     import torch
     from safetensors.torch import save_file
     os.makedirs(model_dir, exist_ok=True)
-    import shutil
     shutil.copy("gpu-dist/tokenizer.json", model_dir)
     if os.path.exists(os.path.join(model_dir, "done")):
         return
@@ -191,11 +211,11 @@ def run(args):
     rows = []
     jsonl = open(os.path.join(OUT, "e2e.jsonl"), "a")
     for policy in args.policies:
-        name, extra = policy.split(":")[0], policy.split(":")[1:]
+        name, extra, extra_flags = policy_spec(policy)
         flags = ["--model", args.model, "--dtype", "bf16", "--kv-policy", name, "--max-seqs", str(max(args.batches)),
                  "--pa-context-len", str(args.kv_tokens), "--max-seq-len", str(max(args.contexts) + 4096)]
         flags += [] if name == "full" else ["--kv-budget-tokens", str(args.budget)]
-        flags += [f for e in extra for f in e.split("=", 1)]
+        flags += extra_flags
         label = name + ("" if not extra else " " + " ".join(extra))
         model = os.path.basename(os.path.normpath(args.model))
         srv = Server(args.binary, flags, args.port, os.path.join(OUT, f"server-{model}-{file_label(label)}.log"))
@@ -236,17 +256,11 @@ def sanity(args):
         flags = ["--model", args.gguf, "--dtype", "f32", "--kv-policy", policy, "--max-seqs", "4", "--pa-block-size", "32"]
         flags += [] if budget is None else ["--kv-budget-tokens", str(budget)]
         key = policy if budget in (None, 100000) else f"{policy} budget {budget}"
-        srv = Server(args.binary, flags, args.port, os.path.join(OUT, f"sanity-{file_label(key)}.log"))
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", args.port, timeout=300)
-            body = {"model": "default", "messages": [{"role": "user", "content": prompt}], "max_tokens": 96, "temperature": 0}
-            c.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
-            r = json.loads(c.getresponse().read())
-            texts[key] = r["choices"][0]["message"]["content"] if "choices" in r else f"ERROR {r}"
-            texts[key + " usage"] = r.get("usage")
-            open(os.path.join(OUT, f"sanity-metrics-{file_label(key)}.txt"), "w").write(srv.metrics())
-        finally:
-            srv.stop()
+        body = {"model": "default", "messages": [{"role": "user", "content": prompt}], "max_tokens": 96, "temperature": 0}
+        r = ask_once(args.binary, flags, args.port, os.path.join(OUT, f"sanity-{file_label(key)}.log"), "/v1/chat/completions",
+                     body, metrics=os.path.join(OUT, f"sanity-metrics-{file_label(key)}.txt"))
+        texts[key] = r["choices"][0]["message"]["content"] if "choices" in r else f"ERROR {r}"
+        texts[key + " usage"] = r.get("usage")
         print(f"sanity {key}: {texts[key]!r}", flush=True)
     json.dump(texts, open(os.path.join(OUT, "sanity.json"), "w"), indent=1)
     same = texts["full"] == texts["quest"] == texts["retro"]
@@ -269,18 +283,11 @@ def compare(args):
     texts = []
     prompt = words_prompt(args.contexts[0], 7, None)
     for i, policy in enumerate(args.policies):
-        name, extra = policy.split(":")[0], policy.split(":")[1:]
-        flags = ["--model", args.model, "--dtype", args.dtype, "--kv-policy", name, "--max-seqs", "4"]
-        flags += [f for e in extra for f in e.split("=", 1)]
-        srv = Server(args.binary, flags, args.port + i, os.path.join(OUT, f"compare-{file_label(policy)}.log"))
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", args.port + i, timeout=300)
-            body = {"model": "default", "prompt": prompt, "max_tokens": 24, "temperature": 0}
-            c.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-            r = json.loads(c.getresponse().read())
-            texts.append(r["choices"][0]["text"] if "choices" in r else f"ERROR {r}")
-        finally:
-            srv.stop()
+        name, _, extra_flags = policy_spec(policy)
+        flags = ["--model", args.model, "--dtype", args.dtype, "--kv-policy", name, "--max-seqs", "4"] + extra_flags
+        body = {"model": "default", "prompt": prompt, "max_tokens": 24, "temperature": 0}
+        r = ask_once(args.binary, flags, args.port + i, os.path.join(OUT, f"compare-{file_label(policy)}.log"), "/v1/completions", body)
+        texts.append(r["choices"][0]["text"] if "choices" in r else f"ERROR {r}")
         print(f"compare {policy}: {'same as first' if texts[-1] == texts[0] else 'DIFFERS'}: {texts[-1]!r}", flush=True)
     return all(t == texts[0] for t in texts)
 
