@@ -95,8 +95,12 @@ __device__ void selected_decode(const T* __restrict__ query, const T* __restrict
       for (int e = 0; e < X; ++e) k_s[t * KS + chunk * X + e] = kv[e];
       const T* vv = reinterpret_cast<const T*>(&v_reg[j]);
       const int d = vi * X / BS, t0 = vi * X % BS;
+      // Slots past the context were never written (upstream allocates the cache uninitialized, so
+      // they can hold NaN bit patterns): their probability is 0, but 0 * NaN is NaN, so the values
+      // themselves are zeroed. Keys need nothing: scores past a row's prefix are never computed.
+      const int written = ctx - page * BS - t0;
 #pragma unroll
-      for (int e = 0; e < X; ++e) v_s[(t0 + e) * D + d] = vv[e];
+      for (int e = 0; e < X; ++e) v_s[(t0 + e) * D + d] = e < written ? vv[e] : from_f32<T>(0.f);
     }
     __syncthreads();
     if (i + 1 < end) load_page(i + 1);  // in flight while this page is used

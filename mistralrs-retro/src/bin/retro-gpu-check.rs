@@ -5,6 +5,10 @@
 //! memory, so an element a kernel forgets to write fails the check. Prints a table of max errors
 //! and exits non-zero on any failure.
 //!
+//! It also checks the one upstream op a replay window leans on that the CPU path never runs: candle's
+//! CUDA quantized matmul (GGUF models) with 2..8 rows, the rows a window of w feeds per sequence, against
+//! the same op one row at a time (`--replay-rows` runs only that part).
+//!
 //! Built on the CPU machine with `--features cuda`, run on the GPU machine: `scripts/gpu/check.sh`.
 
 use std::process::ExitCode;
@@ -121,6 +125,28 @@ fn poison(dev: &Device) -> Result<()> {
     Ok(())
 }
 
+/// NaN in every slot from `first` on of each listed `(block, first)` partial page of a paged K or V
+/// cache (`[blocks, kv_heads, ..., block_size(, x)]`: the token index is the second-last or last dim).
+fn with_unwritten_slots(cache: Tensor, unwritten: &[(usize, usize)]) -> Result<Tensor> {
+    let dims = cache.dims().to_vec();
+    let key_layout = dims.len() == 5;
+    let (bs, x) = if key_layout { (dims[3], dims[4]) } else { (dims[3], 1) };
+    let page: usize = dims[2..].iter().product();
+    let kvh = dims[1];
+    let mut data = cache.flatten_all()?.to_vec1::<f32>()?;
+    for &(block, first) in unwritten {
+        for h in 0..kvh {
+            let base = (block * kvh + h) * page;
+            for (i, v) in data[base..base + page].iter_mut().enumerate() {
+                if (i / x) % bs >= first {
+                    *v = f32::NAN;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(data, dims, &Device::Cpu)?)
+}
+
 /// Max |a - b| over max |b|, and whether any value of `a` is NaN.
 fn rel_error(a: &[f32], b: &[f32]) -> (f32, bool) {
     let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
@@ -163,8 +189,16 @@ fn run_case(case: &Case, rng: &mut Rng, gpu_dev: &Device, tally: &mut Tally) -> 
             tables[seq][page] = free.pop().expect("enough blocks");
         }
     }
-    let key_cache = random(rng, &[num_blocks, kvh, d / x, bs, x], 1.0, case.dtype)?;
-    let value_cache = random(rng, &[num_blocks, kvh, d, bs], 1.0, case.dtype)?;
+    // Slots past each context hold NaN: upstream allocates the cache uninitialized, and no kernel
+    // may let a never-written slot reach a result (not even through a probability of 0).
+    let unwritten: Vec<(usize, usize)> = tables
+        .iter()
+        .zip(&case.contexts)
+        .filter(|(_, &c)| c % bs != 0)
+        .map(|(t, &c)| (t[c / bs] as usize, c % bs))
+        .collect();
+    let key_cache = with_unwritten_slots(random(rng, &[num_blocks, kvh, d / x, bs, x], 1.0, DType::F32)?, &unwritten)?.to_dtype(case.dtype)?;
+    let value_cache = with_unwritten_slots(random(rng, &[num_blocks, kvh, d, bs], 1.0, DType::F32)?, &unwritten)?.to_dtype(case.dtype)?;
     let query = random(rng, &[batch * rows, heads, d], 2.0, case.dtype)?;
     let flat_tables: Vec<u32> = tables.iter().flatten().copied().collect();
     let block_tables = Tensor::from_vec(flat_tables, (batch, max_pages.max(1)), &Device::Cpu)?;
@@ -398,8 +432,49 @@ fn cases(rng: &mut Rng, quick: bool) -> Vec<Case> {
     out
 }
 
+/// candle's CUDA quantized matmul (`QMatMul`, what upstream's GGUF layers call) at `b` rows against
+/// the same weights one row at a time and against the CPU op. A replay window of w sends w rows per
+/// sequence through every projection, which selects candle's multi-row vector kernels (b ≤ 8);
+/// upstream's own decode only sends one row per sequence. Returns failures as text.
+fn check_replay_rows(rng: &mut Rng, gpu_dev: &Device) -> Result<Vec<String>> {
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use candle_core::Module;
+    let mut failures = Vec::new();
+    println!("| quantized matmul (rows x k -> n) | dtype | max rel. error vs one row at a time | max rel. error vs CPU |");
+    println!("|---|---|---|---|");
+    // SmolLM2-135M's projections (q/o, k/v, gate/up, down) and its Q8_0 output head, then Llama-8B's q.
+    let shapes: &[(usize, usize)] = &[(576, 576), (192, 576), (1536, 576), (576, 1536), (4096, 4096)];
+    for dtype in [GgmlDType::Q4_1, GgmlDType::Q4_0, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+        // K-quants pack 256 values per block: only the shapes whose inner dim splits into them.
+        for &(n, k) in shapes.iter().filter(|(_, k)| k % dtype.block_size() == 0) {
+            let w = random(rng, &[n, k], 0.5, DType::F32)?;
+            let on_cpu = QMatMul::from_qtensor(QTensor::quantize(&w, dtype)?)?;
+            let on_gpu = QMatMul::from_qtensor(QTensor::quantize(&w.to_device(gpu_dev)?, dtype)?)?;
+            for b in 1..=8usize {
+                let x = random(rng, &[1, b, k], 1.0, DType::F32)?;
+                let xg = x.to_device(gpu_dev)?;
+                let batched = to_f32(&on_gpu.forward(&xg)?)?;
+                let mut one_by_one = Vec::with_capacity(b * n);
+                for r in 0..b {
+                    one_by_one.extend(to_f32(&on_gpu.forward(&xg.narrow(1, r, 1)?.contiguous()?)?)?);
+                }
+                let cpu_out = to_f32(&on_cpu.forward(&x)?)?;
+                let (vs_rows, nan) = rel_error(&batched, &one_by_one);
+                let (vs_cpu, _) = rel_error(&batched, &cpu_out);
+                println!("| {b} x {k} -> {n} | {dtype:?} | {vs_rows:.2e} | {vs_cpu:.2e} |");
+                // Both sides quantize the rows to q8_1 the same way: only the summation order differs.
+                if nan || vs_rows > 1e-3 || vs_cpu > 2e-2 {
+                    failures.push(format!("quantized matmul {dtype:?} {b} x {k} -> {n}: {vs_rows:.2e} vs one row at a time, {vs_cpu:.2e} vs CPU{}", if nan { ", NaN" } else { "" }));
+                }
+            }
+        }
+    }
+    Ok(failures)
+}
+
 fn main() -> ExitCode {
     let quick = std::env::args().any(|a| a == "--quick");
+    let replay_rows_only = std::env::args().any(|a| a == "--replay-rows");
     let seed = std::env::var("RETRO_GPU_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_u64);
     let gpu_dev = match Device::new_cuda(0) {
         Ok(d) => d,
@@ -409,7 +484,7 @@ fn main() -> ExitCode {
         }
     };
     let mut rng = Rng(seed | 1);
-    let all = cases(&mut rng, quick);
+    let all = if replay_rows_only { Vec::new() } else { cases(&mut rng, quick) };
     let mut tally = Tally::default();
     let started = std::time::Instant::now();
     for (i, case) in all.iter().enumerate() {
@@ -424,6 +499,10 @@ fn main() -> ExitCode {
     println!("|---|---|---|---|---|---|");
     for (kernel, dtype, n, rel, lse, swaps) in &tally.rows {
         println!("| {kernel} | {dtype:?} | {n} | {rel:.2e} | {lse:.2e} | {swaps} |");
+    }
+    match check_replay_rows(&mut rng, &gpu_dev) {
+        Ok(f) => tally.failures.extend(f),
+        Err(e) => tally.failures.push(format!("quantized matmul check: error: {e:#}")),
     }
     println!("tolerances: out f32 {:.0e}, f16 {:.0e}, bf16 {:.1e} (max abs error / max abs reference); lse {LSE_TOLERANCE:.0e}; bounds and masks exact", out_tolerance(DType::F32), out_tolerance(DType::F16), out_tolerance(DType::BF16));
     if tally.failures.is_empty() {

@@ -15,6 +15,7 @@ mod retro;
 #[cfg(test)]
 mod retro_tests;
 pub mod summaries;
+mod trace;
 
 use std::fmt;
 use std::sync::Arc;

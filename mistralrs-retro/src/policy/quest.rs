@@ -176,6 +176,15 @@ impl QuestPolicy {
             return super::full::decode_every_page(attn).map(Some);
         }
         if attn.query.dim(0)? == attn.context_lens.dim(0)? {
+            #[cfg(feature = "cuda")]
+            if super::trace::enabled() {
+                // What upstream's kernel will return, against the CPU reference (see trace.rs).
+                let upstream = mistralrs_paged_attn::paged_attention(
+                    attn.query, None, None, attn.key_cache, attn.value_cache, attn.block_tables, attn.context_lens,
+                    None, attn.max_context_len, attn.softmax_scale, attn.softcap.unwrap_or(1.0), None,
+                )?;
+                super::trace::rows("upstream", batch.layer.unwrap_or(0), &upstream)?;
+            }
             return Ok(None);
         }
         #[cfg(feature = "cuda")]

@@ -249,6 +249,19 @@ impl RetroPolicy {
     }
 }
 
+impl RetroPolicy {
+    fn decode_attention_rows(&self, batch: &BatchInfo<'_>, attn: &DecodeAttention<'_>, rows: usize) -> Result<Option<Tensor>> {
+        match batch.layer {
+            Some(layer) if layer >= self.quest.dense_layers && rows > 1 => {
+                self.decode_window(batch, attn, layer, rows).map(Some)
+            }
+            // Dense layers recompute every row exactly; a window of one is plain quest.
+            Some(layer) if layer >= self.quest.dense_layers => self.quest.decode_attention(batch, attn),
+            _ => self.quest.decode_dense(batch, attn),
+        }
+    }
+}
+
 #[cfg(test)]
 impl RetroPolicy {
     pub(super) fn pool_totals(&self) -> &super::output_cache::PoolTotals {
@@ -303,6 +316,15 @@ impl KvPolicy for RetroPolicy {
 
     fn write_kv(&self, batch: &BatchInfo<'_>, write: &CacheWrite<'_>) -> Result<bool> {
         let rows_total = write.slot_mapping.dim(0)?;
+        if !batch.is_prompt {
+            if batch.layer == Some(0) {
+                super::trace::next_step();
+            }
+            if super::trace::enabled() {
+                super::trace::rows("key", batch.layer.unwrap_or(0), write.key)?;
+                super::trace::rows("value", batch.layer.unwrap_or(0), write.value)?;
+            }
+        }
         // The prompt is recorded once per step (layer 0); decode steps need the row filter at every layer.
         let keep = match batch.layer {
             Some(layer) if layer == 0 || !batch.is_prompt => self.track_write(batch, rows_total)?,
@@ -324,14 +346,18 @@ impl KvPolicy for RetroPolicy {
 
     fn decode_attention(&self, batch: &BatchInfo<'_>, attn: &DecodeAttention<'_>) -> Result<Option<Tensor>> {
         let rows = attn.query.dim(0)? / attn.context_lens.dim(0)?.max(1);
-        match batch.layer {
-            Some(layer) if layer >= self.quest.dense_layers && rows > 1 => {
-                self.decode_window(batch, attn, layer, rows).map(Some)
+        let out = self.decode_attention_rows(batch, attn, rows)?;
+        if super::trace::enabled() {
+            let layer = batch.layer.unwrap_or(0);
+            super::trace::rows("query", layer, attn.query)?;
+            if let Err(e) = super::trace::reference(layer, attn, batch.seq_context_lens) {
+                eprintln!("trace reference failed: {e}");
             }
-            // Dense layers recompute every row exactly; a window of one is plain quest.
-            Some(layer) if layer >= self.quest.dense_layers => self.quest.decode_attention(batch, attn),
-            _ => self.quest.decode_dense(batch, attn),
+            if let Some(out) = &out {
+                super::trace::rows("out", layer, out)?;
+            }
         }
+        Ok(out)
     }
 
     fn prompt_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f32) -> Result<Option<Tensor>> {
