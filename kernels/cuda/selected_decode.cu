@@ -237,7 +237,14 @@ __device__ void merge_rows(float* __restrict__ cache_o, float* __restrict__ cach
                            const int32_t* __restrict__ source_row, int heads, int head_dim) {
   const int row = blockIdx.x, head = blockIdx.y, d = threadIdx.x;
   const int src = source_row[row];
-  if (src < 0) return;
+  if (src == -1) return;
+  if (src < -1) {
+    // -2 - r: the cached row becomes partial row r (a row entering the window).
+    const int64_t a = (int64_t)row * heads + head, b = (int64_t)(-2 - src) * heads + head;
+    cache_o[a * head_dim + d] = to_f32(part_o[b * head_dim + d]);
+    if (d == 0) cache_lse[a] = part_lse[b];
+    return;
+  }
   const int64_t a = (int64_t)row * heads + head, b = (int64_t)src * heads + head;
   const float la = cache_lse[a], lb = part_lse[b];
   const float m = fmaxf(la, lb);

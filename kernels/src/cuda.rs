@@ -498,7 +498,8 @@ fn new_tensor_dtype(dev: &CudaDevice, dtype: DType, dims: &[usize]) -> Result<Te
 /// Retro's output-cache merge: cached rows `cache_o` f32 `[n, heads, head_dim]` with `cache_lse`
 /// f32 `[n, heads]` absorb the partial results `part_o [m, heads, head_dim]` / `part_lse`
 /// `[m, heads]` over disjoint tokens, exactly by log-sum-exp; `source_row` i32 `[n]` names the
-/// partial row for each cached row, -1 for none.
+/// partial row for each cached row, -1 for none, and `-2 - r` to replace the cached row by partial
+/// row `r` (a row entering the window).
 pub fn merge_rows(cache_o: &Tensor, cache_lse: &Tensor, part_o: &Tensor, part_lse: &Tensor, source_row: &Tensor) -> Result<()> {
     let dev = cuda_device(cache_o, "cache_o")?;
     let (n, heads, head_dim) = cache_o.dims3()?;
@@ -517,7 +518,7 @@ pub fn merge_rows(cache_o: &Tensor, cache_lse: &Tensor, part_o: &Tensor, part_ls
     // The kernel takes i32 rows; candle has no i32 dtype, so they travel as u32 bit patterns.
     let rows = if source_row.dtype() == DType::I64 {
         let host: Vec<i64> = source_row.to_vec1()?;
-        if let Some(bad) = host.iter().find(|&&r| r >= m as i64) {
+        if let Some(bad) = host.iter().find(|&&r| r >= m as i64 || -2 - r >= m as i64) {
             bail!("retro-kernels: source_row {bad} out of range ({m} partial rows)");
         }
         Tensor::new(host.iter().map(|&r| r as i32 as u32).collect::<Vec<u32>>().as_slice(), cache_o.device())?

@@ -367,7 +367,14 @@ fn run_case(case: &Case, rng: &mut Rng, gpu_dev: &Device, tally: &mut Tally) -> 
     let n_cached = batch * rows;
     let cache_o: Vec<f32> = (0..n_cached * heads * d).map(|_| rng.uniform()).collect();
     let cache_lse: Vec<f32> = (0..n_cached * heads).map(|_| if rng.below(8) == 0 { f32::NEG_INFINITY } else { 3.0 * rng.uniform() }).collect();
-    let source: Vec<i64> = (0..n_cached).map(|_| if rng.below(5) == 0 { -1 } else { rng.below(batch * rows) as i64 }).collect();
+    // -1: untouched; r >= 0: merge partial row r; -2 - r: replaced by partial row r.
+    let source: Vec<i64> = (0..n_cached)
+        .map(|_| match rng.below(5) {
+            0 => -1,
+            1 => -2 - rng.below(batch * rows) as i64,
+            _ => rng.below(batch * rows) as i64,
+        })
+        .collect();
     let g_cache_o = Tensor::from_vec(cache_o.clone(), (n_cached, heads, d), gpu_dev)?;
     let g_cache_lse = Tensor::from_vec(cache_lse.clone(), (n_cached, heads), gpu_dev)?;
     let g_lse2 = g_lse.reshape((batch * rows, heads))?;
@@ -375,11 +382,17 @@ fn run_case(case: &Case, rng: &mut Rng, gpu_dev: &Device, tally: &mut Tally) -> 
     let part_o = to_f32(&g_out)?;
     let (mut want_o, mut want_lse) = (cache_o, cache_lse);
     for (row, &src) in source.iter().enumerate() {
-        if src < 0 {
+        if src == -1 {
             continue;
         }
         for h in 0..heads {
             let a = row * heads + h;
+            if src < -1 {
+                let b = (-2 - src) as usize * heads + h;
+                want_o[a * d..(a + 1) * d].copy_from_slice(&part_o[b * d..(b + 1) * d]);
+                want_lse[a] = g_lse_host[b];
+                continue;
+            }
             let b = src as usize * heads + h;
             cpu::merge_partial(&mut want_o[a * d..(a + 1) * d], &mut want_lse[a], &part_o[b * d..(b + 1) * d], g_lse_host[b]);
         }

@@ -4,10 +4,10 @@
 //! against it); dense layers with one query row per sequence keep upstream's paged kernel.
 //!
 //! What still goes through the host, per sparse layer and step: the plan's two small per-sequence
-//! arrays (uploaded), and under `retro` w > 1 the selected lists and the decode's output/lse (read
-//! back for the output-cache bookkeeping of `retro.rs`, then the corrected rows are uploaded).
-//! Moving the output cache onto the device (`retro_row_masks` + `merge_rows` exist) removes those
-//! round trips; see docs/gpu.md.
+//! arrays (uploaded), and under `retro` w > 1 the selected lists (read back: the row masks are built
+//! from the host's seen-page sets, then uploaded). Retro's output and lse values stay on the device
+//! (`DeviceOutputCache`); `RETRO_HOST_OUTPUT_CACHE=1` keeps them on the host as the CPU path does
+//! (one more read-back per sparse layer), for comparisons.
 
 use std::sync::{Arc, Mutex};
 
@@ -158,6 +158,17 @@ pub fn decode_selection(
     context_lens: &[usize],
     selection: &PageSelection,
 ) -> Result<(Tensor, Vec<f32>)> {
+    let (out, lse) = decode_selection_on_device(summaries, attn, context_lens, selection)?;
+    Ok((out, lse.flatten_all()?.to_vec1::<f32>()?))
+}
+
+/// [`decode_selection`] with the lse left on the device, `[rows, heads]` f32.
+pub fn decode_selection_on_device(
+    summaries: &DeviceSummaries,
+    attn: &DecodeAttention<'_>,
+    context_lens: &[usize],
+    selection: &PageSelection,
+) -> Result<(Tensor, Tensor)> {
     let batch = context_lens.len();
     let rows = rows_per_sequence(attn, batch)?;
     // A budget equal to each sequence's longest list gives a plan whose stride fits every list.
@@ -177,5 +188,56 @@ pub fn decode_selection(
     let (out, lse) = gpu::selected_decode(
         &plan, attn.query, attn.key_cache, attn.value_cache, attn.block_tables, &on_device, attn.softmax_scale, attn.softcap,
     )?;
-    Ok((out, lse.flatten_all()?.to_vec1::<f32>()?))
+    let (rows_total, heads, _) = out.dims3()?;
+    Ok((out, lse.reshape((rows_total, heads))?))
+}
+
+/// Retro's output cache values on the device: f32 `o [rows, heads, head_dim]` and `lse [rows, heads]`
+/// for every row slot of the pool (`OutputCacheBlock::device_row`); the bookkeeping (positions, seen
+/// pages) stays with the host blocks. A step then needs no read-back of the decode's output.
+pub struct DeviceOutputCache {
+    o: Tensor,
+    lse: Tensor,
+}
+
+impl DeviceOutputCache {
+    pub fn new(rows: usize, heads: usize, head_dim: usize, device: &candle_core::Device) -> Result<Self> {
+        Ok(Self {
+            o: Tensor::zeros((rows, heads, head_dim), DType::F32, device)?,
+            lse: Tensor::full(f32::NEG_INFINITY, (rows, heads), device)?,
+        })
+    }
+
+    pub fn rows(&self) -> Result<usize> {
+        self.o.dim(0)
+    }
+
+    pub fn fits(&self, rows: usize, heads: usize, head_dim: usize) -> bool {
+        self.o.dims() == [rows, heads, head_dim]
+    }
+
+    /// One step of a sparse layer, on the stream, in this order: cached rows absorb their partial
+    /// results (`merge[cache row]` = partial row, -1 none); the step's output takes row `gather[i]`
+    /// of `[partials; cache]` (a corrected row reads its merged cache row, before the next part can
+    /// overwrite it: the newest row takes the slot of the row leaving the window); then the rows
+    /// entering the window replace their slots (`replace[cache row]` = partial row, -1 none).
+    pub fn step(&self, out: &Tensor, lse: &Tensor, merge: &[i64], gather: &[u32], replace: &[i64]) -> Result<Tensor> {
+        let dev = out.device();
+        let encode = |rows: &[i64], replace: bool| -> Vec<i64> {
+            rows.iter().map(|&r| if r < 0 { -1 } else if replace { -2 - r } else { r }).collect()
+        };
+        if merge.iter().any(|&r| r >= 0) {
+            gpu::merge_rows(&self.o, &self.lse, out, lse, &Tensor::new(encode(merge, false).as_slice(), dev)?)?;
+        }
+        let stepped = if gather.iter().enumerate().any(|(i, &g)| g as usize != i) {
+            let index = Tensor::new(gather, dev)?;
+            Tensor::cat(&[&out.to_dtype(DType::F32)?, &self.o], 0)?.index_select(&index, 0)?.to_dtype(out.dtype())?
+        } else {
+            out.clone()
+        };
+        if replace.iter().any(|&r| r >= 0) {
+            gpu::merge_rows(&self.o, &self.lse, out, lse, &Tensor::new(encode(replace, true).as_slice(), dev)?)?;
+        }
+        Ok(stepped)
+    }
 }

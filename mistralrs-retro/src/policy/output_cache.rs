@@ -82,13 +82,21 @@ impl RowEntry {
 /// `p % (w−1)`, so the row entering the window replaces the one leaving it.
 #[derive(Debug)]
 pub struct OutputCacheBlock {
+    /// Which of the pool's blocks this is (0..capacity): places its rows in a device-resident cache.
+    id: usize,
     slots: usize,
     rows: Vec<RowEntry>,
 }
 
 impl OutputCacheBlock {
-    fn new(layers: usize, slots: usize) -> Self {
-        Self { slots, rows: vec![RowEntry::default(); layers * slots] }
+    fn new(id: usize, layers: usize, slots: usize) -> Self {
+        Self { id, slots, rows: vec![RowEntry::default(); layers * slots] }
+    }
+
+    /// Where the row at `pos` in `layer` lives in a cache of `capacity × layers × slots` rows (the
+    /// CUDA path keeps outputs and lse there and only the bookkeeping here).
+    pub fn device_row(&self, layer: usize, pos: usize) -> usize {
+        self.id * self.rows.len() + self.slot_index(layer, pos)
     }
 
     fn slot_index(&self, layer: usize, pos: usize) -> usize {
@@ -215,6 +223,11 @@ impl OutputCachePool {
         self.capacity
     }
 
+    /// Row slots per layer and block (w − 1).
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
     /// Heap bytes of every block created so far (in use or free). Rows hold this process's query
     /// heads only, so under tensor parallelism it is the rank's share.
     pub fn bytes(&self) -> usize {
@@ -233,7 +246,7 @@ impl OutputCachePool {
             Some(block) => block,
             None if inner.created < self.capacity => {
                 inner.created += 1;
-                OutputCacheBlock::new(layers, self.slots)
+                OutputCacheBlock::new(inner.created - 1, layers, self.slots)
             }
             None => return None,
         };
@@ -280,7 +293,7 @@ mod tests {
         drop(b);
         drop(inner);
         assert_eq!(pool.bytes(), 0, "no row written yet");
-        let mut block = OutputCacheBlock::new(1, 1);
+        let mut block = OutputCacheBlock::new(0, 1, 1);
         block.slot(0, 0).reset(0, 2, 100, &[0.0; 6], &[0.0; 3]);
         assert!(block.bytes() >= 4 * 9 + 8 * 2, "{}", block.bytes());
         pool.lock().free.push(block);
@@ -289,7 +302,8 @@ mod tests {
 
     #[test]
     fn slots_follow_positions_and_seen_sets_grow() {
-        let mut block = OutputCacheBlock::new(2, 3);
+        let mut block = OutputCacheBlock::new(1, 2, 3);
+        assert_eq!(block.device_row(1, 10), 6 + 3 + 10 % 3, "block 1 starts after block 0's 2 x 3 rows");
         block.slot(1, 10).reset(10, 2, 3, &[1.0; 4], &[0.5; 2]);
         assert!(block.row(1, 10).is_some());
         assert!(block.row(0, 10).is_none(), "layers are separate");

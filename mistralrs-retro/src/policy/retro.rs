@@ -1,5 +1,6 @@
-//! `retro`: Quest plus RetroAttention (arXiv 2508.09001), on CPU and CUDA (the output cache is
-//! host memory on both; see `device.rs`). DESIGN.md §3 is the algorithm.
+//! `retro`: Quest plus RetroAttention (arXiv 2508.09001), on CPU and CUDA (the output cache's
+//! bookkeeping is host memory on both; on CUDA its values live on the device, see `device.rs`).
+//! DESIGN.md §3 is the algorithm.
 //!
 //! The core patch `0003-replay-window` makes every decode step feed each sequence's last w tokens;
 //! this policy turns those rows into RetroAttention:
@@ -33,6 +34,9 @@ pub struct RetroPolicy {
     /// Numbers of finished sequences, by sequence id, when `keep_sequence_numbers` is on (the
     /// quality harness reads exposure per sequence).
     finished: std::sync::Mutex<Option<std::collections::HashMap<usize, super::output_cache::SequenceNumbers>>>,
+    /// On CUDA: the output cache's values, made at the first sparse window step (see `device.rs`).
+    #[cfg(feature = "cuda")]
+    device_cache: std::sync::Mutex<Option<std::sync::Arc<super::device::DeviceOutputCache>>>,
 }
 
 /// What a past row of the window needs this step.
@@ -55,6 +59,29 @@ impl RetroPolicy {
             window,
             pool: OutputCachePool::new(output_cache_blocks, window),
             finished: std::sync::Mutex::new(None),
+            #[cfg(feature = "cuda")]
+            device_cache: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The device-resident output cache for this query shape, unless the cache is on the host or
+    /// `RETRO_HOST_OUTPUT_CACHE=1` asks for the host path.
+    #[cfg(feature = "cuda")]
+    fn device_output_cache(&self, attn: &DecodeAttention<'_>) -> Result<Option<std::sync::Arc<super::device::DeviceOutputCache>>> {
+        static HOST: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if attn.query.device().is_cpu() || *HOST.get_or_init(|| std::env::var("RETRO_HOST_OUTPUT_CACHE").is_ok_and(|v| v == "1")) {
+            return Ok(None);
+        }
+        let (_, heads, head_dim) = attn.query.dims3()?;
+        let rows = self.pool.capacity() * self.quest.summaries()?.num_layers() * self.pool.slots();
+        let mut cache = self.device_cache.lock().expect("lock poisoned");
+        match &*cache {
+            Some(c) if c.fits(rows, heads, head_dim) => Ok(Some(c.clone())),
+            _ => {
+                let made = std::sync::Arc::new(super::device::DeviceOutputCache::new(rows, heads, head_dim, attn.query.device())?);
+                *cache = Some(made.clone());
+                Ok(Some(made))
+            }
         }
     }
 
@@ -203,6 +230,47 @@ impl RetroPolicy {
         }
 
         self.quest.record_pages(layer, fused.entries.len() as u64, &tables, block_size, kv_heads);
+
+        #[cfg(feature = "cuda")]
+        if let (Some(cache), super::quest::Summaries::Device(d)) = (self.device_output_cache(attn)?, self.quest.summaries()?) {
+            let (out, lse) = super::device::decode_selection_on_device(&d, attn, &tables.context_lens, &fused)?;
+            let pool_rows = cache.rows()?;
+            let (mut merge, mut replace) = (vec![-1i64; pool_rows], vec![-1i64; pool_rows]);
+            let mut gather: Vec<u32> = (0..rows_total as u32).collect();
+            for seq in 0..batch_len {
+                let ctx = tables.context_lens[seq];
+                let first_pos = ctx - rows;
+                let Some(state) = inner.sequences.get_mut(&batch.seq_ids[seq]) else { continue };
+                let Some(block) = state.block.as_mut() else { continue };
+                for j in 0..rows {
+                    let (pos, at) = (first_pos + j, seq * rows + j);
+                    let kind = if j == past { PastRow::Fresh } else { kinds[seq * past + j] };
+                    let pool_row = block.device_row(layer, pos);
+                    match kind {
+                        PastRow::Skip => {}
+                        PastRow::Cached => {
+                            merge[pool_row] = at as i64;
+                            gather[at] = (rows_total + pool_row) as u32;
+                            let row = block.row(layer, pos).expect("classified as cached");
+                            mark_selected(row, &plan, seq, kv_heads, pos, block_size);
+                        }
+                        PastRow::Dense | PastRow::Fresh => {
+                            replace[pool_row] = at as i64;
+                            let slot = block.slot(layer, pos);
+                            state.numbers.close_row(slot);
+                            slot.reset(pos, kv_heads, ctx.div_ceil(block_size), &[], &[]);
+                            if kind == PastRow::Dense {
+                                slot.seen_all = true;
+                            } else {
+                                slot.own_pages = mark_selected(slot, &plan, seq, kv_heads, pos, block_size);
+                            }
+                        }
+                    }
+                }
+            }
+            drop(inner);
+            return cache.step(&out, &lse, &merge, &gather, &replace);
+        }
 
         let (out, lse) = self.quest.run_selection(attn, &tables, &fused)?;
         let mut out = out.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
