@@ -12,25 +12,13 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use mistralrs_retro::cpu::{paged_decode, paged_decode_selected, PageSelection};
+use mistralrs_retro::rng::Rng;
 
 const LAYERS: usize = 30;
 const KV_HEADS: usize = 3;
 const GROUP: usize = 3;
 const HEAD_DIM: usize = 64;
 const BLOCK: usize = 16;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn uniform(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-}
 
 fn random(rng: &mut Rng, dims: &[usize]) -> Tensor {
     let n: usize = dims.iter().product();
@@ -64,7 +52,7 @@ fn main() {
     println!("copy bandwidth {:.1} GB/s (read + write); {LAYERS} layers, {KV_HEADS} KV heads x {GROUP}, head dim {HEAD_DIM}, block {BLOCK}, f32", copy / 1e9);
     println!("| context | kernel | ms/step | MB read/step | GB/s | of copy bandwidth |");
     println!("|---:|---|---:|---:|---:|---:|");
-    let mut rng = Rng(0x5eed);
+    let mut rng = Rng::new(0x5eed);
     let scale = 1.0 / (HEAD_DIM as f32).sqrt();
     for &ctx in &contexts {
         let pages = ctx.div_ceil(BLOCK);
@@ -74,9 +62,7 @@ fn main() {
             .collect();
         // Blocks in a shuffled order, as a long-running cache hands them out.
         let mut table: Vec<u32> = (0..blocks as u32).collect();
-        for i in (1..table.len()).rev() {
-            table.swap(i, (rng.next() % (i as u64 + 1)) as usize);
-        }
+        rng.shuffle(&mut table);
         let tables = Tensor::from_vec(table[..pages].to_vec(), (1, pages), &Device::Cpu).unwrap();
         let lens = Tensor::new(&[ctx as u32], &Device::Cpu).unwrap();
         let q1 = random(&mut rng, &[1, KV_HEADS * GROUP, HEAD_DIM]);

@@ -8,3 +8,4 @@ pub mod metrics;
 pub mod validate;
 pub mod eval;
 pub mod tp;
+pub mod rng;

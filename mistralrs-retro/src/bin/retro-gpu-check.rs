@@ -19,29 +19,9 @@ use mistralrs_core::kv_policy::CacheAllocation;
 use mistralrs_retro::cpu::{self, PageSelection};
 use mistralrs_retro::policy::plan::{page_bound, select_pages, PlanInputs};
 use mistralrs_retro::policy::summaries::PageSummaries;
+use mistralrs_retro::rng::Rng;
 use retro_kernels::cuda::{self as gpu, DevicePlan};
 use retro_kernels::DecodePlan;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    /// Uniform in [-1, 1).
-    fn uniform(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len())]
-    }
-}
 
 #[derive(Clone, Debug)]
 struct Case {
@@ -180,9 +160,7 @@ fn run_case(case: &Case, rng: &mut Rng, gpu_dev: &Device, tally: &mut Tally) -> 
     let num_blocks = pages.iter().sum::<usize>() + 3;
     // Blocks are handed out in a random order, as a long-running cache would have them.
     let mut free: Vec<u32> = (0..num_blocks as u32).collect();
-    for i in (1..free.len()).rev() {
-        free.swap(i, rng.below(i + 1));
-    }
+    rng.shuffle(&mut free);
     let mut tables = vec![vec![0u32; max_pages.max(1)]; batch];
     for (seq, &p) in pages.iter().enumerate() {
         for page in 0..p {
@@ -307,7 +285,7 @@ fn run_case(case: &Case, rng: &mut Rng, gpu_dev: &Device, tally: &mut Tally) -> 
     if rows > 1 {
         let words = max_pages.div_ceil(32).max(1);
         let state: Vec<u32> = (0..batch * (rows - 1)).map(|_| (rng.below(4) != 0) as u32).collect();
-        let seen: Vec<u32> = (0..batch * (rows - 1) * kvh * words).map(|_| rng.next() as u32 & rng.next() as u32).collect();
+        let seen: Vec<u32> = (0..batch * (rows - 1) * kvh * words).map(|_| rng.next_u64() as u32 & rng.next_u64() as u32).collect();
         let g_state = Tensor::from_vec(state.clone(), (batch, rows - 1), gpu_dev)?;
         let g_seen = Tensor::from_vec(seen.clone(), (batch, rows - 1, kvh, words), gpu_dev)?;
         poison(gpu_dev)?;
@@ -496,7 +474,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     let all = if replay_rows_only { Vec::new() } else { cases(&mut rng, quick) };
     let mut tally = Tally::default();
     let started = std::time::Instant::now();
