@@ -237,7 +237,13 @@ fn sixty_four_concurrent_streams_complete_well_formed() {
                 let (status, text) = server.request("POST", "/v1/chat/completions", Some(&body));
                 assert_eq!(status, 200, "stream {n}: {text}");
                 let events = common::sse_events(&text);
-                assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "stream {n} does not end with [DONE]: {text}");
+                if events.last().map(String::as_str) != Some("[DONE]") {
+                    // Seen in about 1 run in 10 (session 7): a stream cut mid-generation, no finish
+                    // reason, no [DONE]. The server's log is what the next look needs.
+                    let log = server.log_lines();
+                    let tail = log[log.len().saturating_sub(60)..].join("\n");
+                    panic!("stream {n} does not end with [DONE] ({} events): {text}\nSERVER LOG TAIL:\n{tail}", events.len());
+                }
                 let chunks: Vec<serde_json::Value> = events[..events.len() - 1]
                     .iter()
                     .map(|e| serde_json::from_str(e).unwrap_or_else(|err| panic!("stream {n}: bad event {e:?}: {err}")))
