@@ -10,7 +10,7 @@
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use mistralrs_retro::cpu::{paged_decode, paged_decode_selected, PageSelection};
 use mistralrs_retro::rng::Rng;
 
@@ -19,11 +19,6 @@ const KV_HEADS: usize = 3;
 const GROUP: usize = 3;
 const HEAD_DIM: usize = 64;
 const BLOCK: usize = 16;
-
-fn random(rng: &mut Rng, dims: &[usize]) -> Tensor {
-    let n: usize = dims.iter().product();
-    Tensor::from_vec((0..n).map(|_| rng.uniform()).collect::<Vec<f32>>(), dims, &Device::Cpu).unwrap()
-}
 
 /// Copy bandwidth (bytes read + written per second) of a 256 MB buffer, best of 3.
 fn copy_bandwidth() -> f64 {
@@ -58,15 +53,15 @@ fn main() {
         let pages = ctx.div_ceil(BLOCK);
         let blocks = pages + 1;
         let caches: Vec<(Tensor, Tensor)> = (0..LAYERS)
-            .map(|_| (random(&mut rng, &[blocks, KV_HEADS, HEAD_DIM / 4, BLOCK, 4]), random(&mut rng, &[blocks, KV_HEADS, HEAD_DIM, BLOCK])))
+            .map(|_| (rng.tensor(&[blocks, KV_HEADS, HEAD_DIM / 4, BLOCK, 4], 1.0, DType::F32), rng.tensor(&[blocks, KV_HEADS, HEAD_DIM, BLOCK], 1.0, DType::F32)))
             .collect();
         // Blocks in a shuffled order, as a long-running cache hands them out.
         let mut table: Vec<u32> = (0..blocks as u32).collect();
         rng.shuffle(&mut table);
         let tables = Tensor::from_vec(table[..pages].to_vec(), (1, pages), &Device::Cpu).unwrap();
         let lens = Tensor::new(&[ctx as u32], &Device::Cpu).unwrap();
-        let q1 = random(&mut rng, &[1, KV_HEADS * GROUP, HEAD_DIM]);
-        let q2 = random(&mut rng, &[2, KV_HEADS * GROUP, HEAD_DIM]);
+        let q1 = rng.tensor(&[1, KV_HEADS * GROUP, HEAD_DIM], 1.0, DType::F32);
+        let q2 = rng.tensor(&[2, KV_HEADS * GROUP, HEAD_DIM], 1.0, DType::F32);
         let budget = pages.div_ceil(8).max(1);
         // Every 8th page plus the last: a spread-out selection; the older row adds the pages after them.
         let chosen: Vec<u32> = (0..pages as u32).filter(|p| p % 8 == 0 || *p as usize == pages - 1).take(budget + 1).collect();

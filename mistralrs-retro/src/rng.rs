@@ -1,6 +1,8 @@
 //! Deterministic random numbers for the kernel tests, the benches and `retro-gpu-check`
 //! (splitmix64): tiny, seedable, good enough for test data, not for anything else.
 
+use candle_core::{DType, Device, Tensor};
+
 pub struct Rng(u64);
 
 impl Rng {
@@ -34,5 +36,13 @@ impl Rng {
         for i in (1..items.len()).rev() {
             items.swap(i, self.below(i + 1));
         }
+    }
+
+    /// A CPU tensor uniform in [-amplitude, amplitude), rounded to `dtype`.
+    pub fn tensor(&mut self, shape: &[usize], amplitude: f32, dtype: DType) -> Tensor {
+        let data: Vec<f32> = (0..shape.iter().product::<usize>()).map(|_| amplitude * self.uniform()).collect();
+        Tensor::from_vec(data, shape, &Device::Cpu)
+            .and_then(|t| t.to_dtype(dtype))
+            .expect("a CPU tensor of the data's own length")
     }
 }

@@ -87,12 +87,6 @@ fn out_tolerance(dtype: DType) -> f32 {
 }
 const LSE_TOLERANCE: f32 = 1e-3;
 
-fn random(rng: &mut Rng, dims: &[usize], amplitude: f32, dtype: DType) -> Result<Tensor> {
-    let n: usize = dims.iter().product();
-    let data: Vec<f32> = (0..n).map(|_| amplitude * rng.uniform()).collect();
-    Ok(Tensor::from_vec(data, dims, &Device::Cpu)?.to_dtype(dtype)?)
-}
-
 fn to_f32(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
 }
@@ -175,9 +169,9 @@ fn run_case(case: &Case, rng: &mut Rng, gpu_dev: &Device, tally: &mut Tally) -> 
         .filter(|(_, &c)| c % bs != 0)
         .map(|(t, &c)| (t[c / bs] as usize, c % bs))
         .collect();
-    let key_cache = with_unwritten_slots(random(rng, &[num_blocks, kvh, d / x, bs, x], 1.0, DType::F32)?, &unwritten)?.to_dtype(case.dtype)?;
-    let value_cache = with_unwritten_slots(random(rng, &[num_blocks, kvh, d, bs], 1.0, DType::F32)?, &unwritten)?.to_dtype(case.dtype)?;
-    let query = random(rng, &[batch * rows, heads, d], 2.0, case.dtype)?;
+    let key_cache = with_unwritten_slots(rng.tensor(&[num_blocks, kvh, d / x, bs, x], 1.0, DType::F32), &unwritten)?.to_dtype(case.dtype)?;
+    let value_cache = with_unwritten_slots(rng.tensor(&[num_blocks, kvh, d, bs], 1.0, DType::F32), &unwritten)?.to_dtype(case.dtype)?;
+    let query = rng.tensor(&[batch * rows, heads, d], 2.0, case.dtype);
     let flat_tables: Vec<u32> = tables.iter().flatten().copied().collect();
     let block_tables = Tensor::from_vec(flat_tables, (batch, max_pages.max(1)), &Device::Cpu)?;
     let ctx_u32: Vec<u32> = case.contexts.iter().map(|&c| c as u32).collect();
@@ -438,11 +432,11 @@ fn check_replay_rows(rng: &mut Rng, gpu_dev: &Device) -> Result<Vec<String>> {
     for dtype in [GgmlDType::Q4_1, GgmlDType::Q4_0, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
         // K-quants pack 256 values per block: only the shapes whose inner dim splits into them.
         for &(n, k) in shapes.iter().filter(|(_, k)| k % dtype.block_size() == 0) {
-            let w = random(rng, &[n, k], 0.5, DType::F32)?;
+            let w = rng.tensor(&[n, k], 0.5, DType::F32);
             let on_cpu = QMatMul::from_qtensor(QTensor::quantize(&w, dtype)?)?;
             let on_gpu = QMatMul::from_qtensor(QTensor::quantize(&w.to_device(gpu_dev)?, dtype)?)?;
             for b in 1..=8usize {
-                let x = random(rng, &[1, b, k], 1.0, DType::F32)?;
+                let x = rng.tensor(&[1, b, k], 1.0, DType::F32);
                 let xg = x.to_device(gpu_dev)?;
                 let batched = to_f32(&on_gpu.forward(&xg)?)?;
                 let mut one_by_one = Vec::with_capacity(b * n);

@@ -5,19 +5,6 @@ use candle_core::{DType, Device, Tensor};
 
 pub(crate) use crate::rng::Rng;
 
-impl Rng {
-    /// Uniform in [-amplitude, amplitude), rounded to `dtype`.
-    pub fn tensor(&mut self, shape: &[usize], amplitude: f32, dtype: DType) -> Tensor {
-        let data: Vec<f32> = (0..shape.iter().product::<usize>())
-            .map(|_| amplitude * self.uniform())
-            .collect();
-        Tensor::from_vec(data, shape, &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap()
-    }
-}
-
 pub(crate) fn key_chunk(dtype: DType) -> usize {
     16 / dtype.size_in_bytes()
 }
