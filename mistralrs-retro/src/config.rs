@@ -11,6 +11,7 @@
 //! dense_layers = 2
 //! window = 2                # retro only
 //! output_cache_blocks = 16  # retro only; default --max-seqs
+//! refresh_every = 0         # retro only; 0 = never, else a dense replay of that many tokens every that many steps
 //!
 //! [[models]]                # first match wins; match by model id (path or name) and/or architecture
 //! model_id = "SmolLM2-135M-Instruct"
@@ -60,6 +61,9 @@ pub struct PolicyConfig {
     pub window: usize,
     /// Output-cache blocks (one per decoding retro sequence); the server defaults it to --max-seqs.
     pub output_cache_blocks: usize,
+    /// Every `refresh_every` decode steps, retro replays that many tokens with dense attention at
+    /// every layer, rewriting their K/V as full attention would (0: never). See docs/retro.md.
+    pub refresh_every: usize,
 }
 
 pub const DEFAULT_BUDGET_RATIO: f64 = 0.15;
@@ -68,6 +72,8 @@ pub const DEFAULT_DENSE_LAYERS: usize = 2;
 pub const DEFAULT_WINDOW: usize = 2;
 /// Row masks in the kernels are 32-bit; the paper ablates up to 8.
 pub const MAX_WINDOW: usize = 16;
+/// Longest refresh replay: a refresh step runs that many rows through the whole model at once.
+pub const MAX_REFRESH: usize = 256;
 /// Used when neither the file nor the server says (the server passes --max-seqs).
 pub const DEFAULT_OUTPUT_CACHE_BLOCKS: usize = 16;
 
@@ -79,6 +85,7 @@ impl PolicyConfig {
             dense_layers: DEFAULT_DENSE_LAYERS,
             window: DEFAULT_WINDOW,
             output_cache_blocks: DEFAULT_OUTPUT_CACHE_BLOCKS,
+            refresh_every: 0,
         }
     }
 
@@ -92,8 +99,8 @@ impl PolicyConfig {
             PolicyKind::Full => "kv-policy=full (attends to every cached token; no parameters)".into(),
             PolicyKind::Quest => format!("kv-policy=quest {budget} dense_layers={}", self.dense_layers),
             PolicyKind::Retro => format!(
-                "kv-policy=retro {budget} dense_layers={} window={} output_cache_blocks={}",
-                self.dense_layers, self.window, self.output_cache_blocks
+                "kv-policy=retro {budget} dense_layers={} window={} output_cache_blocks={} refresh_every={}",
+                self.dense_layers, self.window, self.output_cache_blocks, self.refresh_every
             ),
         }
     }
@@ -110,6 +117,7 @@ pub struct PolicySettings {
     pub dense_layers: Option<usize>,
     pub window: Option<usize>,
     pub output_cache_blocks: Option<usize>,
+    pub refresh_every: Option<usize>,
     /// Must equal the paged-attention block size when given (pages are blocks).
     pub page_size: Option<usize>,
 }
@@ -125,6 +133,7 @@ impl PolicySettings {
             dense_layers: over.dense_layers.or(self.dense_layers),
             window: over.window.or(self.window),
             output_cache_blocks: over.output_cache_blocks.or(self.output_cache_blocks),
+            refresh_every: over.refresh_every.or(self.refresh_every),
             page_size: over.page_size.or(self.page_size),
         }
     }
@@ -169,6 +178,16 @@ impl PolicySettings {
                 bail!("{source}: key `output_cache_blocks` = 0: must be at least 1");
             }
             config.output_cache_blocks = blocks;
+        }
+        if let Some(every) = self.refresh_every {
+            if every != 0 && (every <= config.window || every > MAX_REFRESH) {
+                bail!(
+                    "{source}: key `refresh_every` = {every}: must be 0 (off) or in {}..={MAX_REFRESH} (more than the window, {})",
+                    config.window + 1,
+                    config.window
+                );
+            }
+            config.refresh_every = every;
         }
         Ok(config)
     }
@@ -291,6 +310,8 @@ mod tests {
             ("[kv_policy]\npolicy = \"sparse\"", &["policy", "sparse", "full"][..]),
             ("[kv_policy]\nbudget = 3", &["budget", "unknown field"][..]),
             ("[kv_policy]\nbudget_tokens = 64\nbudget_ratio = 0.1", &["budget_tokens", "budget_ratio"][..]),
+            ("[kv_policy]\npolicy = \"retro\"\nwindow = 4\nrefresh_every = 4", &["refresh_every", "= 4", "5..=256", "window, 4"][..]),
+            ("[kv_policy]\npolicy = \"retro\"\nrefresh_every = 1000", &["refresh_every", "1000", "3..=256"][..]),
         ];
         for (text, needles) in cases {
             let msg = err(text);

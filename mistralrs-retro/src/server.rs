@@ -74,6 +74,11 @@ pub struct ServerArgs {
     #[arg(long)]
     pub kv_output_cache_blocks: Option<usize>,
 
+    /// Retro only: every N decode steps, replay the last N tokens with dense attention at every
+    /// layer, rewriting their K/V as full attention would (0: never; CPU only) [default: 0].
+    #[arg(long)]
+    pub kv_refresh_every: Option<usize>,
+
     /// Address to bind. Loopback unless you say otherwise.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -267,6 +272,7 @@ impl ServerArgs {
             dense_layers: self.kv_dense_layers,
             window: self.kv_window,
             output_cache_blocks: self.kv_output_cache_blocks,
+            refresh_every: self.kv_refresh_every,
             page_size: None,
         };
         // A budget flag replaces the file's budget of the other kind rather than clashing with it.
@@ -286,14 +292,24 @@ impl ServerArgs {
             .resolve(self.pa_block_size, "kv policy (flags --kv-*, --kv-policy-config)")?;
         let arch = source.architecture();
         if policy.kind == PolicyKind::Retro
-            && policy.window > 1
+            && (policy.window > 1 || policy.refresh_every > 0)
             && !arch.as_deref().is_some_and(|a| REPLAY_ARCHITECTURES.contains(&a))
         {
             bail!(
-                "kv-policy=retro with window {} replays the last tokens through the model, which is checked for \
-                 the architectures {REPLAY_ARCHITECTURES:?}; this model's is {}: use --kv-window 1 (quest) or --kv-policy quest",
+                "kv-policy=retro with window {} and refresh_every {} replays the last tokens through the model, which is \
+                 checked for the architectures {REPLAY_ARCHITECTURES:?}; this model's is {}: use --kv-window 1 \
+                 --kv-refresh-every 0 (quest) or --kv-policy quest",
                 policy.window,
+                policy.refresh_every,
                 arch.as_deref().unwrap_or("unknown")
+            );
+        }
+        if policy.kind == PolicyKind::Retro && policy.refresh_every > 0 && cfg!(feature = "cuda") && !self.cpu {
+            // decode_dense's CUDA kernel serves at most 64 query vectors per KV head and block.
+            bail!(
+                "kv-policy=retro refresh_every = {} runs on CPU only in this build: add --cpu, or set refresh_every = 0 \
+                 (--kv-refresh-every 0)",
+                policy.refresh_every
             );
         }
         if let (Some(window), true) = (source.sliding_window(), policy.kind != PolicyKind::Full) {

@@ -70,6 +70,10 @@ pub struct EvalArgs {
     /// Windows; 1 is quest [default: 1,2,4,8; quick 1,2].
     #[arg(long, value_delimiter = ',')]
     pub windows: Option<Vec<usize>>,
+    /// Also run retro with a refresh every N decode steps (`refresh_every`: a dense replay of the
+    /// last N tokens), at every window of --windows below N (w = 1 is quest with refreshes).
+    #[arg(long)]
+    pub refresh_every: Option<usize>,
     /// Also run retro with w = 1 and check it equals quest [default: on with --quick].
     #[arg(long)]
     pub check_retro_w1: bool,
@@ -131,6 +135,12 @@ pub struct QualityRecord {
     pub exposure: Option<f64>,
     /// Retro: supplement (row, page, KV head) reads per forced step, over the sparse reads.
     pub supplement_ratio: Option<f64>,
+    /// `retro-refresh`: decode steps between refresh steps.
+    pub refresh_every: Option<usize>,
+    /// (page, KV head) pairs the sparse layers read per forced step (the bytes a step reads are
+    /// proportional), and the same over quest's at this budget.
+    pub reads_per_step: Option<f64>,
+    pub reads_vs_quest: Option<f64>,
     /// Wall seconds of the batch this configuration ran in (shared by the budgets of one window).
     pub forced_batch_seconds: Option<f64>,
     pub gen_batch_seconds: Option<f64>,
@@ -143,6 +153,8 @@ enum Kind {
     /// Quest with full's K/V for decoded tokens (`--drift-split`).
     QuestOracle,
     Retro(usize),
+    /// Retro with `refresh_every`.
+    RetroRefresh { window: usize, every: usize },
 }
 
 impl Kind {
@@ -152,17 +164,25 @@ impl Kind {
             Kind::Quest => "quest",
             Kind::QuestOracle => "quest-oracle-kv",
             Kind::Retro(_) => "retro",
+            Kind::RetroRefresh { .. } => "retro-refresh",
         }
     }
     fn window(self) -> usize {
         match self {
-            Kind::Retro(w) => w,
+            Kind::Retro(w) | Kind::RetroRefresh { window: w, .. } => w,
             _ => 1,
+        }
+    }
+    fn refresh_every(self) -> Option<usize> {
+        match self {
+            Kind::RetroRefresh { every, .. } => Some(every),
+            _ => None,
         }
     }
     fn label(self) -> String {
         match self {
             Kind::Retro(w) => format!("retro w={w}"),
+            Kind::RetroRefresh { window, every } => format!("retro w={window} refresh {every}"),
             k => k.name().into(),
         }
     }
@@ -189,15 +209,18 @@ impl PhasePolicy {
             }
             Kind::Quest | Kind::QuestOracle => {
                 let q = Arc::new(QuestPolicy::new(default, dense_layers));
+                q.keep_sequence_reads();
                 let served: Arc<dyn ServedPolicy> = match (kind, oracle) {
                     (Kind::QuestOracle, Some(store)) => Arc::new(oracle::OracleKv::new(q.clone(), store.clone(), oracle::Mode::Replace)),
                     _ => q.clone(),
                 };
                 Self { served, quest: Some(q), retro: None }
             }
-            Kind::Retro(w) => {
-                let r = Arc::new(RetroPolicy::new(default, dense_layers, w, budgets.max(1)));
+            Kind::Retro(_) | Kind::RetroRefresh { .. } => {
+                let r = RetroPolicy::new(default, dense_layers, kind.window(), budgets.max(1));
+                let r = Arc::new(r.with_refresh(kind.refresh_every().unwrap_or(0)));
                 r.keep_sequence_numbers();
+                r.quest().keep_sequence_reads();
                 Self { served: r.clone(), quest: None, retro: Some(r) }
             }
         }
@@ -387,6 +410,7 @@ struct Cell {
     forced: Option<ForcedRecord>,
     exposure: Option<f64>,
     supplement_ratio: Option<f64>,
+    reads_per_step: Option<f64>,
     forced_secs: Option<f64>,
     gen_tokens: Option<Vec<u32>>,
     gen_secs: Option<f64>,
@@ -419,6 +443,9 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
     let mut kinds = vec![Kind::Full];
     for &w in &setup.windows {
         kinds.push(if w == 1 { Kind::Quest } else { Kind::Retro(w) });
+    }
+    if let Some(every) = args.refresh_every {
+        kinds.extend(setup.windows.iter().filter(|&&w| every > w).map(|&window| Kind::RetroRefresh { window, every }));
     }
     if setup.check_retro_w1 && setup.windows.contains(&1) {
         kinds.push(Kind::Retro(1));
@@ -557,6 +584,8 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
                     let cell = cells.entry(key(kind, *b)).or_default();
                     cell.forced = Some(record);
                     cell.forced_secs = Some(secs);
+                    let quest = policy.quest.as_deref().or(policy.retro.as_deref().map(RetroPolicy::quest));
+                    cell.reads_per_step = quest.and_then(|q| q.sequence_reads(ids[i])).map(|r| r as f64 / setup.decode_steps as f64);
                     if let Some(retro) = &policy.retro {
                         let n = wait_numbers(retro, ids[i]).await;
                         cell.exposure = n.and_then(|n| n.exposure());
@@ -644,6 +673,11 @@ fn write_results(
             correct_answers,
             exposure: cell.exposure,
             supplement_ratio: cell.supplement_ratio,
+            refresh_every: policy.eq("retro-refresh").then_some(args.refresh_every).flatten(),
+            reads_per_step: cell.reads_per_step,
+            reads_vs_quest: cells
+                .get(&("quest".into(), (budget * 1e6).round() as u64, 1))
+                .and_then(|q| Some(cell.reads_per_step? / q.reads_per_step?)),
             forced_batch_seconds: cell.forced_secs,
             gen_batch_seconds: cell.gen_secs,
         };

@@ -141,12 +141,10 @@ impl PolicyConfig {
         match self.kind {
             PolicyKind::Full => Arc::new(FullPolicy::new()),
             PolicyKind::Quest => Arc::new(QuestPolicy::new(self.budget, self.dense_layers)),
-            PolicyKind::Retro => Arc::new(RetroPolicy::new(
-                self.budget,
-                self.dense_layers,
-                self.window,
-                self.output_cache_blocks,
-            )),
+            PolicyKind::Retro => Arc::new(
+                RetroPolicy::new(self.budget, self.dense_layers, self.window, self.output_cache_blocks)
+                    .with_refresh(self.refresh_every),
+            ),
         }
     }
 }

@@ -152,6 +152,8 @@ pub struct SequenceNumbers {
     /// Pages the closed rows attended to, and the pages they selected at their own step.
     pub exposure_seen: u64,
     pub exposure_own: u64,
+    /// (page, KV head) pairs the sparse layers read in refresh steps (`refresh_every`).
+    pub refresh_pages: u64,
 }
 
 impl SequenceNumbers {

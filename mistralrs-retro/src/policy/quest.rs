@@ -31,6 +31,9 @@ pub struct QuestPolicy {
     /// runs several budgets in one batch). Empty when serving.
     sequence_budgets: RwLock<HashMap<usize, Budget>>,
     pub stats: SparseStats,
+    /// (page, KV head) pairs each sequence's sparse layers read, once `keep_sequence_reads` is on
+    /// (the quality harness compares bytes per step; CPU caches only). `None` when serving.
+    sequence_reads: std::sync::Mutex<Option<HashMap<usize, u64>>>,
 }
 
 /// Where the page bounds live: beside a CPU cache, or on the device beside a CUDA one.
@@ -42,6 +45,14 @@ pub(super) enum Summaries {
 }
 
 impl Summaries {
+    pub fn block_size(&self) -> usize {
+        match self {
+            Self::Host(s) => s.block_size,
+            #[cfg(feature = "cuda")]
+            Self::Device(s) => s.block_size,
+        }
+    }
+
     pub fn kv_heads(&self) -> usize {
         match self {
             Self::Host(s) => s.kv_heads,
@@ -75,6 +86,26 @@ impl QuestPolicy {
             summaries: RwLock::new(None),
             sequence_budgets: RwLock::new(HashMap::new()),
             stats: SparseStats::default(),
+            sequence_reads: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Count the sparse layers' reads per sequence from now on (see [`Self::sequence_reads`]).
+    pub fn keep_sequence_reads(&self) {
+        self.sequence_reads.lock().expect("lock poisoned").get_or_insert_with(HashMap::new);
+    }
+
+    /// (page, KV head) pairs sequence `seq_id`'s sparse layers have read, if counted.
+    pub fn sequence_reads(&self, seq_id: usize) -> Option<u64> {
+        self.sequence_reads.lock().expect("lock poisoned").as_ref()?.get(&seq_id).copied()
+    }
+
+    /// Add `reads(i)` to the count of the batch's i-th sequence, when counting.
+    pub(super) fn count_sequence_reads(&self, seq_ids: &[usize], reads: impl Fn(usize) -> u64) {
+        if let Some(counts) = self.sequence_reads.lock().expect("lock poisoned").as_mut() {
+            for (i, &id) in seq_ids.iter().enumerate() {
+                *counts.entry(id).or_default() += reads(i);
+            }
         }
     }
 
@@ -300,6 +331,7 @@ impl KvPolicy for QuestPolicy {
         }
         let StepPlan { block_size, kv_heads, tables, selection } = self.plan(batch, attn, layer)?;
         self.record_pages(layer, pages_read(&selection) as u64, &tables, block_size, kv_heads);
+        self.count_sequence_reads(batch.seq_ids, |seq| (0..kv_heads).map(|h| selection.list(seq, h).len() as u64).sum());
         let result = cpu::paged_decode_selected(
             attn.query, attn.key_cache, attn.value_cache, attn.block_tables, attn.context_lens,
             &selection, attn.softmax_scale, attn.softcap,

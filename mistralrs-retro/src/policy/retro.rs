@@ -15,14 +15,14 @@
 //! A sequence whose first decode step finds the output-cache pool dry runs as `quest`: its older
 //! rows are neither attended for nor written.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Result, Tensor};
 use mistralrs_core::kv_policy::{BatchInfo, CacheAllocation, CacheWrite, DecodeAttention, GatherKv, KvPolicy};
 use tracing::{debug, warn};
 
 use super::output_cache::{OutputCachePool, SequenceState};
-use super::quest::{QuestPolicy, StepPlan};
+use super::quest::{QuestPolicy, StepPlan, StepTables};
 use super::{Metric, PolicyMetrics};
 use crate::config::Budget;
 use crate::cpu::{merge_partial, PageSelection};
@@ -30,6 +30,11 @@ use crate::cpu::{merge_partial, PageSelection};
 pub struct RetroPolicy {
     quest: QuestPolicy,
     window: usize,
+    /// Every `refresh_every` decode steps (0: never) the step replays that many tokens densely
+    /// ([`Self::decode_refresh`]).
+    refresh_every: usize,
+    /// Decode steps since the last refresh step.
+    steps_since_refresh: AtomicUsize,
     pool: OutputCachePool,
     /// Numbers of finished sequences, by sequence id, when `keep_sequence_numbers` is on (the
     /// quality harness reads exposure per sequence).
@@ -57,6 +62,8 @@ impl RetroPolicy {
         Self {
             quest: QuestPolicy::new(budget, dense_layers),
             window,
+            refresh_every: 0,
+            steps_since_refresh: AtomicUsize::new(0),
             pool: OutputCachePool::new(output_cache_blocks, window),
             finished: std::sync::Mutex::new(None),
             #[cfg(feature = "cuda")]
@@ -83,6 +90,14 @@ impl RetroPolicy {
                 Ok(Some(made))
             }
         }
+    }
+
+    /// Refresh every `every` decode steps (0: never; else it must exceed the window, which
+    /// `PolicySettings::resolve` checks for the server).
+    pub fn with_refresh(mut self, every: usize) -> Self {
+        assert!(every == 0 || every > self.window, "refresh_every {every} must exceed the window {}", self.window);
+        self.refresh_every = every;
+        self
     }
 
     /// The Quest policy underneath (page plan, budgets).
@@ -140,7 +155,8 @@ impl RetroPolicy {
                 state.decoding = true;
                 state.block = block;
             }
-            if rows > 1 && inner.sequences[&seq_id].block.is_none() {
+            // A refresh step rewrites every decoded row, block or not.
+            if rows > 1 && !self.is_refresh(rows) && inner.sequences[&seq_id].block.is_none() {
                 let keep = keep.get_or_insert_with(|| vec![true; rows_total]);
                 keep[seq * rows..seq * rows + rows - 1].fill(false);
             }
@@ -151,7 +167,6 @@ impl RetroPolicy {
     /// One sparse layer's attention for a window of `rows` rows per sequence.
     fn decode_window(&self, batch: &BatchInfo<'_>, attn: &DecodeAttention<'_>, layer: usize, rows: usize) -> Result<Tensor> {
         let StepPlan { block_size, kv_heads, tables, selection: plan } = self.quest.plan(batch, attn, layer)?;
-        let (rows_total, heads, head_dim) = attn.query.dims3()?;
         let batch_len = tables.context_lens.len();
 
         let mut inner = self.pool.lock();
@@ -159,6 +174,7 @@ impl RetroPolicy {
         let newest = 1u32 << past;
         let mut kinds = vec![PastRow::Skip; batch_len * past];
         let mut fused = PageSelection::new(kv_heads);
+        let mut reads = Vec::with_capacity(batch_len);
         for seq in 0..batch_len {
             let ctx = tables.context_lens[seq];
             let pages = ctx.div_ceil(block_size);
@@ -223,103 +239,209 @@ impl RetroPolicy {
                 }
                 fused.finish_list();
             }
+            reads.push((fused.entries.len() - before) as u64);
             if let Some(state) = inner.sequences.get_mut(&batch.seq_ids[seq]) {
-                state.numbers.pages_loaded += (fused.entries.len() - before) as u64;
+                state.numbers.pages_loaded += reads[seq];
                 state.numbers.supplement_pages += supplements;
             }
         }
+        self.quest.count_sequence_reads(batch.seq_ids, |seq| reads[seq]);
 
         self.quest.record_pages(layer, fused.entries.len() as u64, &tables, block_size, kv_heads);
 
-        #[cfg(feature = "cuda")]
-        if let (Some(cache), super::quest::Summaries::Device(d)) = (self.device_output_cache(attn)?, self.quest.summaries()?) {
-            let (out, lse) = super::device::decode_selection_on_device(&d, attn, &tables.context_lens, &fused)?;
-            let pool_rows = cache.rows()?;
-            let (mut merge, mut replace) = (vec![-1i64; pool_rows], vec![-1i64; pool_rows]);
-            let mut gather: Vec<u32> = (0..rows_total as u32).collect();
-            for seq in 0..batch_len {
-                let ctx = tables.context_lens[seq];
-                let first_pos = ctx - rows;
-                let Some(state) = inner.sequences.get_mut(&batch.seq_ids[seq]) else { continue };
-                let Some(block) = state.block.as_mut() else { continue };
-                for j in 0..rows {
-                    let (pos, at) = (first_pos + j, seq * rows + j);
-                    let kind = if j == past { PastRow::Fresh } else { kinds[seq * past + j] };
-                    let pool_row = block.device_row(layer, pos);
-                    match kind {
-                        PastRow::Skip => {}
-                        PastRow::Cached => {
-                            merge[pool_row] = at as i64;
-                            gather[at] = (rows_total + pool_row) as u32;
-                            let row = block.row(layer, pos).expect("classified as cached");
-                            mark_selected(row, &plan, seq, kv_heads, pos, block_size);
-                        }
-                        PastRow::Dense | PastRow::Fresh => {
-                            replace[pool_row] = at as i64;
-                            let slot = block.slot(layer, pos);
-                            state.numbers.close_row(slot);
-                            slot.reset(pos, kv_heads, ctx.div_ceil(block_size), &[], &[]);
-                            if kind == PastRow::Dense {
-                                slot.seen_all = true;
-                            } else {
-                                slot.own_pages = mark_selected(slot, &plan, seq, kv_heads, pos, block_size);
-                            }
-                        }
-                    }
-                }
-            }
-            drop(inner);
-            return cache.step(&out, &lse, &merge, &gather, &replace);
-        }
-
-        let (out, lse) = self.quest.run_selection(attn, &tables, &fused)?;
-        let mut out = out.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let row_len = heads * head_dim;
-
+        let mut values = self.step_values(attn, &tables, &fused)?;
         for seq in 0..batch_len {
             let ctx = tables.context_lens[seq];
             let pages = ctx.div_ceil(block_size);
             let first_pos = ctx - rows;
             let Some(state) = inner.sequences.get_mut(&batch.seq_ids[seq]) else { continue };
             let Some(block) = state.block.as_mut() else { continue };
-            let numbers = &mut state.numbers;
             for j in 0..rows {
-                let pos = first_pos + j;
-                let at = seq * rows + j;
-                let (o, l) = (&mut out[at * row_len..(at + 1) * row_len], &lse[at * heads..(at + 1) * heads]);
-                let kind = if j == past { PastRow::Fresh } else { kinds[seq * past + j] };
-                if kind == PastRow::Cached {
-                    let row = block.row(layer, pos).expect("classified as cached");
-                    for h in 0..heads {
-                        let span = h * head_dim..(h + 1) * head_dim;
-                        merge_partial(&mut row.out[span.clone()], &mut row.lse[h], &o[span], l[h]);
+                let (pos, at) = (first_pos + j, seq * rows + j);
+                let pool_row = block.device_row(layer, pos);
+                match if j == past { PastRow::Fresh } else { kinds[seq * past + j] } {
+                    PastRow::Skip => {}
+                    PastRow::Cached => {
+                        let row = block.row(layer, pos).expect("classified as cached");
+                        values.merge(at, row, pool_row);
+                        mark_selected(row, &plan, seq, kv_heads, pos, block_size);
                     }
-                    o.copy_from_slice(&row.out);
-                    mark_selected(row, &plan, seq, kv_heads, pos, block_size);
-                    continue;
-                }
-                if kind == PastRow::Skip {
-                    continue;
-                }
-                // A new entry: the row it replaces has left the window.
-                let slot = block.slot(layer, pos);
-                numbers.close_row(slot);
-                slot.reset(pos, kv_heads, pages, o, l);
-                if kind == PastRow::Dense {
-                    slot.seen_all = true;
-                } else {
-                    slot.own_pages = mark_selected(slot, &plan, seq, kv_heads, pos, block_size);
+                    kind @ (PastRow::Dense | PastRow::Fresh) => {
+                        // A new entry: the row it replaces has left the window.
+                        let slot = block.slot(layer, pos);
+                        state.numbers.close_row(slot);
+                        values.enter(at, slot, pool_row, pos, kv_heads, pages);
+                        if kind == PastRow::Dense {
+                            slot.seen_all = true;
+                        } else {
+                            slot.own_pages = mark_selected(slot, &plan, seq, kv_heads, pos, block_size);
+                        }
+                    }
                 }
             }
         }
         drop(inner);
-        Tensor::from_vec(out, (rows_total, heads, head_dim), attn.query.device())?.to_dtype(attn.query.dtype())
+        values.finish(attn)
+    }
+
+    /// This step's partial results, where the output cache's values live: the device cache (CUDA,
+    /// unless `RETRO_HOST_OUTPUT_CACHE=1`) or host rows.
+    fn step_values(&self, attn: &DecodeAttention<'_>, tables: &StepTables, fused: &PageSelection) -> Result<RowValues> {
+        #[cfg(feature = "cuda")]
+        if let (Some(cache), super::quest::Summaries::Device(d)) = (self.device_output_cache(attn)?, self.quest.summaries()?) {
+            let (out, lse) = super::device::decode_selection_on_device(&d, attn, &tables.context_lens, fused)?;
+            return RowValues::device(cache, out, lse);
+        }
+        let (out, lse) = self.quest.run_selection(attn, tables, fused)?;
+        RowValues::host(&out, lse)
+    }
+
+    /// A refresh step (`refresh_every`): every row of the replay attends to every page at every
+    /// layer, so the K/V the replay rewrites are what full attention builds over the same tokens (the
+    /// drift of older decoded tokens, which the window alone never repairs, is gone). The rows that
+    /// stay in the next steps' window enter the output cache as having seen everything.
+    fn decode_refresh(&self, batch: &BatchInfo<'_>, attn: &DecodeAttention<'_>, rows: usize) -> Result<Option<Tensor>> {
+        let out = self.quest.decode_dense(batch, attn)?;
+        let (Some(dense), Some(layer)) = (&out, batch.layer.filter(|&l| l >= self.quest.dense_layers)) else { return Ok(out) };
+        let out = dense.clone();
+        let summaries = self.quest.summaries()?;
+        let (block_size, kv_heads) = (summaries.block_size(), summaries.kv_heads());
+        let tables = StepTables { context_lens: batch.seq_context_lens.to_vec(), block_tables: Vec::new() };
+        let reads: Vec<u64> = tables.context_lens.iter().map(|c| (c.div_ceil(block_size) * kv_heads) as u64).collect();
+        self.quest.record_pages(layer, reads.iter().sum(), &tables, block_size, kv_heads);
+        self.quest.count_sequence_reads(batch.seq_ids, |seq| reads[seq]);
+        let stay = (self.window - 1).min(rows);
+        let mut inner = self.pool.lock();
+        for (seq, &seq_id) in batch.seq_ids.iter().enumerate() {
+            if let Some(state) = inner.sequences.get_mut(&seq_id) {
+                state.numbers.refresh_pages += reads[seq];
+            }
+        }
+        if stay == 0 {
+            return Ok(Some(out));
+        }
+        let (rows_total, heads, _) = attn.query.dims3()?;
+        let lse = Tensor::zeros((rows_total, heads), DType::F32, out.device())?;
+        let mut values = RowValues::from_tensors(self, attn, out, lse)?;
+        for (seq, &seq_id) in batch.seq_ids.iter().enumerate() {
+            let ctx = tables.context_lens[seq];
+            let Some(state) = inner.sequences.get_mut(&seq_id) else { continue };
+            let Some(block) = state.block.as_mut() else { continue };
+            for j in rows - stay..rows {
+                let (pos, at) = (ctx - rows + j, seq * rows + j);
+                let pool_row = block.device_row(layer, pos);
+                let slot = block.slot(layer, pos);
+                state.numbers.close_row(slot);
+                values.enter(at, slot, pool_row, pos, kv_heads, ctx.div_ceil(block_size));
+                slot.seen_all = true;
+            }
+        }
+        drop(inner);
+        values.finish(attn).map(Some)
+    }
+
+    /// Whether this step is a refresh step: only those replay more rows than the window.
+    fn is_refresh(&self, rows: usize) -> bool {
+        self.refresh_every > 0 && rows > self.window
+    }
+}
+
+/// One sparse layer's partial results and what the output cache does with them: on the host each
+/// row is merged or stored as it comes; on the device the rows are collected into one batched call.
+enum RowValues {
+    Host { out: Vec<f32>, lse: Vec<f32>, shape: (usize, usize, usize) },
+    #[cfg(feature = "cuda")]
+    Device {
+        cache: std::sync::Arc<super::device::DeviceOutputCache>,
+        out: Tensor,
+        lse: Tensor,
+        merge: Vec<i64>,
+        replace: Vec<i64>,
+        gather: Vec<u32>,
+    },
+}
+
+impl RowValues {
+    /// `out` [rows, heads, head_dim] and `lse` [rows * heads] on the host.
+    fn host(out: &Tensor, lse: Vec<f32>) -> Result<Self> {
+        let shape = out.dims3()?;
+        Ok(Self::Host { out: out.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?, lse, shape })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn device(cache: std::sync::Arc<super::device::DeviceOutputCache>, out: Tensor, lse: Tensor) -> Result<Self> {
+        let pool_rows = cache.rows()?;
+        let rows_total = out.dim(0)?;
+        Ok(Self::Device { cache, out, lse, merge: vec![-1; pool_rows], replace: vec![-1; pool_rows], gather: (0..rows_total as u32).collect() })
+    }
+
+    /// Where the output cache lives for this query, with `out` [rows, heads, head_dim] and `lse`
+    /// [rows, heads] (f32) as the step's partial results.
+    fn from_tensors(retro: &RetroPolicy, attn: &DecodeAttention<'_>, out: Tensor, lse: Tensor) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        if let Some(cache) = retro.device_output_cache(attn)? {
+            return Self::device(cache, out, lse);
+        }
+        let _ = (retro, attn);
+        Self::host(&out, lse.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    /// A cached row absorbs its partial result (merged exactly through the log-sum-exp); the step
+    /// outputs the corrected row.
+    fn merge(&mut self, at: usize, row: &mut super::output_cache::RowEntry, pool_row: usize) {
+        match self {
+            Self::Host { out, lse, shape: (_, heads, head_dim) } => {
+                let (heads, head_dim) = (*heads, *head_dim);
+                let row_len = heads * head_dim;
+                let (o, l) = (&mut out[at * row_len..(at + 1) * row_len], &lse[at * heads..(at + 1) * heads]);
+                for h in 0..heads {
+                    let span = h * head_dim..(h + 1) * head_dim;
+                    merge_partial(&mut row.out[span.clone()], &mut row.lse[h], &o[span], l[h]);
+                }
+                o.copy_from_slice(&row.out);
+            }
+            #[cfg(feature = "cuda")]
+            Self::Device { out, merge, gather, .. } => {
+                let _ = row; // its values are the device cache's row `pool_row`
+                merge[pool_row] = at as i64;
+                gather[at] = (out.dim(0).expect("3-d output") + pool_row) as u32;
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = pool_row;
+    }
+
+    /// Row `at` enters the window at `slot` with this step's result, having seen nothing yet.
+    fn enter(&mut self, at: usize, slot: &mut super::output_cache::RowEntry, pool_row: usize, pos: usize, kv_heads: usize, pages: usize) {
+        match self {
+            Self::Host { out, lse, shape: (_, heads, head_dim) } => {
+                let row_len = *heads * *head_dim;
+                slot.reset(pos, kv_heads, pages, &out[at * row_len..(at + 1) * row_len], &lse[at * *heads..(at + 1) * *heads]);
+            }
+            #[cfg(feature = "cuda")]
+            Self::Device { replace, .. } => {
+                replace[pool_row] = at as i64;
+                slot.reset(pos, kv_heads, pages, &[], &[]);
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = pool_row;
+    }
+
+    /// The layer's attention output, in the query's dtype.
+    fn finish(self, attn: &DecodeAttention<'_>) -> Result<Tensor> {
+        match self {
+            Self::Host { out, shape, .. } => Tensor::from_vec(out, shape, attn.query.device())?.to_dtype(attn.query.dtype()),
+            #[cfg(feature = "cuda")]
+            Self::Device { cache, out, lse, merge, replace, gather } => cache.step(&out, &lse, &merge, &gather, &replace),
+        }
     }
 }
 
 impl RetroPolicy {
     fn decode_attention_rows(&self, batch: &BatchInfo<'_>, attn: &DecodeAttention<'_>, rows: usize) -> Result<Option<Tensor>> {
         match batch.layer {
+            _ if self.is_refresh(rows) => self.decode_refresh(batch, attn, rows),
             Some(layer) if layer >= self.quest.dense_layers && rows > 1 => {
                 self.decode_window(batch, attn, layer, rows).map(Some)
             }
@@ -366,7 +488,12 @@ impl KvPolicy for RetroPolicy {
     }
 
     fn replay_window(&self) -> usize {
-        self.window
+        // Asked once per decode step's inputs (and by trims, which only compare it with 1).
+        if self.refresh_every > 0 && self.steps_since_refresh.load(Ordering::Relaxed) + 1 >= self.refresh_every {
+            self.refresh_every
+        } else {
+            self.window
+        }
     }
 
     fn dense_kv_len(&self, seq_id: usize) -> usize {
@@ -387,6 +514,11 @@ impl KvPolicy for RetroPolicy {
         if !batch.is_prompt {
             if batch.layer == Some(0) {
                 super::trace::next_step();
+                if self.is_refresh(rows_total / batch.seq_ids.len().max(1)) {
+                    self.steps_since_refresh.store(0, Ordering::Relaxed);
+                } else {
+                    self.steps_since_refresh.fetch_add(1, Ordering::Relaxed);
+                }
             }
             if super::trace::enabled() {
                 super::trace::rows("key", batch.layer.unwrap_or(0), write.key)?;

@@ -306,6 +306,56 @@ fn every_row_attends_to_exactly_the_union_of_pages_it_has_seen() {
     }
 }
 
+/// Refresh steps (`refresh_every`): every row of such a step attends to everything, and a row a
+/// refresh step covered stays dense while it is in the window; the other rows keep oracle (d).
+#[test]
+fn refresh_steps_attend_densely_and_their_rows_stay_dense() {
+    for (i, case) in cases().into_iter().filter(|c| c.block_size == 8).enumerate() {
+        let every = case.window + 3;
+        let mut rng = Rng::new(5000 + i as u64);
+        let world = World::new(&mut rng, &case);
+        let policy = RetroPolicy::new(Budget::Tokens(case.budget_tokens), 0, case.window, 8).with_refresh(every);
+        policy.keep_sequence_numbers();
+        let steps = simulate(&policy, &world, &case);
+        let row_len = world.heads * HEAD_DIM;
+        let refreshes: Vec<usize> = (0..steps.len()).filter(|&s| steps[s].rows > case.window).collect();
+        assert!(refreshes.len() >= case.steps / every - 1, "w={}: refresh steps {refreshes:?}", case.window);
+        for (index, step) in steps.iter().enumerate() {
+            for (seq, &ctx) in step.ctx.iter().enumerate() {
+                let prompt = case.prompt_lens[seq];
+                for row in 0..step.rows {
+                    let pos = ctx - step.rows + row;
+                    // Row `pos` was the newest at step `pos - prompt`.
+                    let refreshed = pos < prompt || refreshes.iter().any(|&r| r <= index && r + prompt >= pos);
+                    let expected = if refreshed {
+                        world.dense_row(seq, pos, |_, _| true)
+                    } else {
+                        let seen: Vec<Vec<usize>> = (0..world.kv_heads)
+                            .map(|h| {
+                                let mut pages: Vec<usize> = (pos..ctx)
+                                    .flat_map(|newest| world.quest_pages(seq, newest, newest + 1, h, case.budget_tokens))
+                                    .collect();
+                                pages.sort_unstable();
+                                pages.dedup();
+                                pages
+                            })
+                            .collect();
+                        world.dense_row(seq, pos, |h, t| seen[h].binary_search(&(t / world.block_size)).is_ok())
+                    };
+                    let what = format!("w={} every {every} group={} step {index} seq {seq} pos {pos}", case.window, case.group);
+                    assert_close(row_out(step, seq, row, row_len), &expected, 2e-5, &what);
+                }
+            }
+        }
+        for (seq, &prompt) in case.prompt_lens.iter().enumerate() {
+            // Every refresh step reads every page of the context once per KV head (one layer here).
+            let expected: usize = refreshes.iter().map(|&r| (prompt + r + 1).div_ceil(case.block_size) * world.kv_heads).sum();
+            let numbers = policy.sequence_numbers(100 + seq).expect("numbers kept");
+            assert_eq!(numbers.refresh_pages, expected as u64, "w={} seq {seq}", case.window);
+        }
+    }
+}
+
 #[test]
 fn a_budget_covering_the_context_is_full_attention() {
     for (i, mut case) in cases().into_iter().enumerate().filter(|(i, _)| i % 2 == 0) {
