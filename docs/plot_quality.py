@@ -39,6 +39,9 @@ for s in data["series"]:
     x = [data["prompt_tokens"] + 1 + i for i in range(len(kl))]
     if s["policy"] == "retro":
         label, color, ls = f"retro w={s['window']}", colors.get(s["window"], "gray"), "-"
+    elif s["policy"] == "retro-refresh":
+        base = "quest" if s["window"] == 1 else f"retro w={s['window']}"
+        label, color, ls = f"{base} + refresh", colors.get(s["window"], "tab:red"), "--"
     else:
         label = s["policy"]
         color, ls = styles[s["policy"]]

@@ -36,6 +36,13 @@ fn sparse_policies_with_budget_over_context_equal_full() {
         let retro = greedy_chats(&[&["--kv-policy", "retro", "--kv-window", window][..], &everything].concat(), &prompts, 128);
         assert_eq!(full, retro, "retro w={window}");
     }
+    // Refresh steps (a dense replay of the last N tokens every N steps) rewrite K/V that already are
+    // full attention's here: the text must not change, with or without a window.
+    for (window, every) in [("1", "3"), ("2", "5")] {
+        let refresh = ["--kv-policy", "retro", "--kv-window", window, "--kv-refresh-every", every];
+        let retro = greedy_chats(&[&refresh[..], &everything].concat(), &prompts, 128);
+        assert_eq!(full, retro, "retro w={window} refresh_every={every}");
+    }
 }
 
 /// Oracle (c) end to end: retro with w = 1 is quest, at a budget small enough that quest differs
@@ -124,7 +131,7 @@ fn bad_policy_config_values_exit_nonzero_naming_them() {
             assert!(out.contains(needle), "{text}: message lacks `{needle}`: {out}");
         }
     }
-    for (flag, value) in [("--kv-window", "0"), ("--kv-output-cache-blocks", "0"), ("--kv-policy", "retr0")] {
+    for (flag, value) in [("--kv-window", "0"), ("--kv-output-cache-blocks", "0"), ("--kv-policy", "retr0"), ("--kv-refresh-every", "2")] {
         let (code, out) = run_server_expecting_exit(&["--model", model, flag, value]);
         assert_ne!(code, 0, "{flag} {value} exited 0");
         let key = flag.trim_start_matches("--kv-").replace('-', "_");

@@ -270,6 +270,42 @@ fn sixty_four_concurrent_streams_complete_well_formed() {
     assert_eq!(metric(&server, "mistralrs_kv_retro_output_cache_blocks_in_use"), 0.0);
 }
 
+/// A stream whose last token ends inside a UTF-8 character (max_tokens cutting an emoji) still ends
+/// with its finish reason and [DONE], and its text is the non-streaming text. Upstream 0.8.1 held
+/// the partial character back for a later token and closed the stream without either (patch
+/// 0010-stream-final-chunk); with sampling that made ~1 in 8 runs of the 64-stream test fail.
+#[test]
+fn a_stream_cut_inside_a_character_ends_with_its_finish_reason_and_done() {
+    let model = smollm2_dir();
+    for policy in ["full", "retro"] {
+        let server = Server::start(&["--model", model.to_str().unwrap(), "--cpu", "--dtype", "f32", "--kv-policy", policy]);
+        let mut cut_inside = 0;
+        for max_tokens in 24..=30 {
+            let mut body = serde_json::json!({
+                "model": "default",
+                "messages": [{"role": "user", "content": "Continue this list of emoji: 😀 😁 😂 🤣 😃 😄 😅 😆"}],
+                "max_tokens": max_tokens,
+                "temperature": 0.0,
+            });
+            let whole = server.post_json("/v1/chat/completions", &body);
+            let text = whole["choices"][0]["message"]["content"].as_str().expect("content").to_string();
+            cut_inside += usize::from(text.ends_with('\u{FFFD}'));
+            body["stream"] = serde_json::json!(true);
+            let (status, raw) = server.request("POST", "/v1/chat/completions", Some(&body));
+            let what = format!("{policy} max_tokens {max_tokens}");
+            assert_eq!(status, 200, "{what}: {raw}");
+            let events = common::sse_events(&raw);
+            assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{what}: {raw}");
+            let chunks: Vec<serde_json::Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).expect("chunk")).collect();
+            let streamed: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+            assert_eq!(streamed, text, "{what}: streamed text");
+            let last = chunks.last().expect("a chunk");
+            assert_eq!(last["choices"][0]["finish_reason"], whole["choices"][0]["finish_reason"], "{what}: {raw}");
+        }
+        assert!(cut_inside > 0, "{policy}: no max_tokens in 24..=30 ends inside a character; the test no longer covers the case");
+    }
+}
+
 /// Preemption under a KV pool too small for the batch: the scheduler preempts and re-prefills, and
 /// the greedy text per request is the one of a run with ample memory, for `quest` with its default
 /// budget (a 256-token floor, which covers these contexts). Below its budget, and for `retro`, a

@@ -74,13 +74,13 @@ impl RetroPolicy {
     /// The device-resident output cache for this query shape, unless the cache is on the host or
     /// `RETRO_HOST_OUTPUT_CACHE=1` asks for the host path.
     #[cfg(feature = "cuda")]
-    fn device_output_cache(&self, attn: &DecodeAttention<'_>) -> Result<Option<std::sync::Arc<super::device::DeviceOutputCache>>> {
+    fn device_output_cache(&self, attn: &DecodeAttention<'_>, layers: usize) -> Result<Option<std::sync::Arc<super::device::DeviceOutputCache>>> {
         static HOST: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         if attn.query.device().is_cpu() || *HOST.get_or_init(|| std::env::var("RETRO_HOST_OUTPUT_CACHE").is_ok_and(|v| v == "1")) {
             return Ok(None);
         }
         let (_, heads, head_dim) = attn.query.dims3()?;
-        let rows = self.pool.capacity() * self.quest.summaries()?.num_layers() * self.pool.slots();
+        let rows = self.pool.capacity() * layers * self.pool.slots();
         let mut cache = self.device_cache.lock().expect("lock poisoned");
         match &*cache {
             Some(c) if c.fits(rows, heads, head_dim) => Ok(Some(c.clone())),
@@ -288,9 +288,11 @@ impl RetroPolicy {
     /// unless `RETRO_HOST_OUTPUT_CACHE=1`) or host rows.
     fn step_values(&self, attn: &DecodeAttention<'_>, tables: &StepTables, fused: &PageSelection) -> Result<RowValues> {
         #[cfg(feature = "cuda")]
-        if let (Some(cache), super::quest::Summaries::Device(d)) = (self.device_output_cache(attn)?, self.quest.summaries()?) {
-            let (out, lse) = super::device::decode_selection_on_device(&d, attn, &tables.context_lens, fused)?;
-            return RowValues::device(cache, out, lse);
+        if let super::quest::Summaries::Device(d) = self.quest.summaries()? {
+            if let Some(cache) = self.device_output_cache(attn, d.num_layers())? {
+                let (out, lse) = super::device::decode_selection_on_device(&d, attn, &tables.context_lens, fused)?;
+                return RowValues::device(cache, out, lse);
+            }
         }
         let (out, lse) = self.quest.run_selection(attn, tables, fused)?;
         RowValues::host(&out, lse)
@@ -379,7 +381,7 @@ impl RowValues {
     /// [rows, heads] (f32) as the step's partial results.
     fn from_tensors(retro: &RetroPolicy, attn: &DecodeAttention<'_>, out: Tensor, lse: Tensor) -> Result<Self> {
         #[cfg(feature = "cuda")]
-        if let Some(cache) = retro.device_output_cache(attn)? {
+        if let Some(cache) = retro.device_output_cache(attn, retro.quest.summaries()?.num_layers())? {
             return Self::device(cache, out, lse);
         }
         let _ = (retro, attn);
