@@ -140,6 +140,22 @@ impl World {
         chosen
     }
 
+    /// Oracle (d) for a decoded row: (seq, pos)'s query attending to the union of the Quest
+    /// selections of every step it has been through as the newest row or a replayed one, up to the
+    /// step with context `ctx`.
+    fn union_row(&self, seq: usize, pos: usize, ctx: usize, budget: usize) -> Vec<f32> {
+        let seen: Vec<Vec<usize>> = (0..self.kv_heads)
+            .map(|h| {
+                let mut pages: Vec<usize> =
+                    (pos..ctx).flat_map(|newest| self.quest_pages(seq, newest, newest + 1, h, budget)).collect();
+                pages.sort_unstable();
+                pages.dedup();
+                pages
+            })
+            .collect();
+        self.dense_row(seq, pos, |h, t| seen[h].binary_search(&(t / self.block_size)).is_ok())
+    }
+
     /// f64 attention of (seq, pos)'s query, per head, over tokens `t <= pos` with `allowed(kv_head, t)`.
     fn dense_row(&self, seq: usize, pos: usize, allowed: impl Fn(usize, usize) -> bool) -> Vec<f32> {
         let group = self.heads / self.kv_heads;
@@ -254,17 +270,7 @@ fn check_union_oracle(case: &Case, seed: u64) {
                     world.dense_row(seq, pos, |_, _| true)
                 } else {
                     // Row `pos` was the newest at step `pos - prompt` and has been replayed since.
-                    let seen: Vec<Vec<usize>> = (0..world.kv_heads)
-                        .map(|h| {
-                            let mut pages: Vec<usize> = (pos..ctx)
-                                .flat_map(|newest| world.quest_pages(seq, newest, newest + 1, h, case.budget_tokens))
-                                .collect();
-                            pages.sort_unstable();
-                            pages.dedup();
-                            pages
-                        })
-                        .collect();
-                    world.dense_row(seq, pos, |h, t| seen[h].binary_search(&(t / world.block_size)).is_ok())
+                    world.union_row(seq, pos, ctx, case.budget_tokens)
                 };
                 assert_close(
                     row_out(step, seq, row, row_len),
@@ -330,17 +336,7 @@ fn refresh_steps_attend_densely_and_their_rows_stay_dense() {
                     let expected = if refreshed {
                         world.dense_row(seq, pos, |_, _| true)
                     } else {
-                        let seen: Vec<Vec<usize>> = (0..world.kv_heads)
-                            .map(|h| {
-                                let mut pages: Vec<usize> = (pos..ctx)
-                                    .flat_map(|newest| world.quest_pages(seq, newest, newest + 1, h, case.budget_tokens))
-                                    .collect();
-                                pages.sort_unstable();
-                                pages.dedup();
-                                pages
-                            })
-                            .collect();
-                        world.dense_row(seq, pos, |h, t| seen[h].binary_search(&(t / world.block_size)).is_ok())
+                        world.union_row(seq, pos, ctx, case.budget_tokens)
                     };
                     let what = format!("w={} every {every} group={} step {index} seq {seq} pos {pos}", case.window, case.group);
                     assert_close(row_out(step, seq, row, row_len), &expected, 2e-5, &what);
