@@ -22,7 +22,8 @@ fn quick_grid_writes_sane_results() {
     let start = std::time::Instant::now();
     let status = Command::new(env!("CARGO_BIN_EXE_retro-eval"))
         .current_dir(&root)
-        .args(["--quick", "--model", model.to_str().unwrap(), "--out", out.to_str().unwrap(), "--curves", curves.to_str().unwrap()])
+        .args(["--quick", "--refresh-every", "8", "--model", model.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .args(["--curves", curves.to_str().unwrap()])
         .status()
         .expect("run retro-eval");
     assert!(status.success(), "retro-eval --quick failed");
@@ -38,7 +39,7 @@ fn quick_grid_writes_sane_results() {
             .find(|r| r["policy"] == policy && r["window"] == window)
             .unwrap_or_else(|| panic!("no record for {policy} w={window}"))
     };
-    assert_eq!(records.len(), 3, "full, quest 10%, retro w=2 10%: {records:?}");
+    assert_eq!(records.len(), 5, "full, quest, retro w=2, and both with refreshes every 8 steps, at 10%: {records:?}");
     for r in records {
         for field in ["policy", "budget", "window", "kl_mean", "ppl", "agree_tokens", "agree_answers", "exposure"] {
             assert!(r.get(field).is_some_and(|x| !x.is_null()), "{field} missing in {r}");
@@ -62,13 +63,24 @@ fn quick_grid_writes_sane_results() {
     assert!(quest["kl_mean"].as_f64().unwrap() > 0.0, "a 10% budget must change something");
     assert!(retro["kl_mean"].as_f64().unwrap() > 0.0);
     assert!(retro["exposure"].as_f64().unwrap() > 1.0, "retro's rows see more than their own pages");
+    // Refresh steps read every page once every 8 steps: at 10% that is about twice Quest's reads,
+    // and they repair the decoded tokens' K/V, which must show in the KL.
+    assert_eq!(quest["reads_vs_quest"].as_f64(), Some(1.0));
+    for window in [1, 2] {
+        let refresh = find("retro-refresh", window);
+        assert_eq!(refresh["refresh_every"].as_u64(), Some(8));
+        let reads = refresh["reads_vs_quest"].as_f64().unwrap();
+        assert!(reads > 1.3 && reads < 3.0, "w={window}: refresh reads {reads}x quest's");
+        let kl = refresh["kl_mean"].as_f64().unwrap();
+        assert!(kl > 0.0 && kl < quest["kl_mean"].as_f64().unwrap(), "w={window}: refresh kl {kl} vs quest {}", quest["kl_mean"]);
+    }
     // The same forced text for every policy: a sparse policy is not much better than full.
     let (pf, pq) = (full["ppl"].as_f64().unwrap(), quest["ppl"].as_f64().unwrap());
     assert!(pq >= pf * 0.9 && pq < pf * 20.0, "quest ppl {pq} vs full {pf}");
 
     let c: Value = serde_json::from_str(&std::fs::read_to_string(&curves).unwrap()).unwrap();
     let series = c["series"].as_array().unwrap();
-    assert_eq!(series.len(), 3);
+    assert_eq!(series.len(), 5);
     assert!(series.iter().all(|s| s["kl"].as_array().unwrap().len() == 128));
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -71,9 +71,11 @@ pub struct EvalArgs {
     #[arg(long, value_delimiter = ',')]
     pub windows: Option<Vec<usize>>,
     /// Also run retro with a refresh every N decode steps (`refresh_every`: a dense replay of the
-    /// last N tokens), at every window of --windows below N (w = 1 is quest with refreshes).
-    #[arg(long)]
-    pub refresh_every: Option<usize>,
+    /// last N tokens), at every window of --windows below N (w = 1 is quest with refreshes). One N
+    /// for every budget, or one per budget of --budgets (each budget then runs in its own batch:
+    /// the refresh steps are the whole batch's).
+    #[arg(long, value_delimiter = ',')]
+    pub refresh_every: Vec<usize>,
     /// Also run retro with w = 1 and check it equals quest [default: on with --quick].
     #[arg(long)]
     pub check_retro_w1: bool,
@@ -153,8 +155,8 @@ enum Kind {
     /// Quest with full's K/V for decoded tokens (`--drift-split`).
     QuestOracle,
     Retro(usize),
-    /// Retro with `refresh_every`.
-    RetroRefresh { window: usize, every: usize },
+    /// Retro with `refresh_every`, at one budget (`None`: every budget of the grid).
+    RetroRefresh { window: usize, every: usize, budget: Option<f64> },
 }
 
 impl Kind {
@@ -182,7 +184,8 @@ impl Kind {
     fn label(self) -> String {
         match self {
             Kind::Retro(w) => format!("retro w={w}"),
-            Kind::RetroRefresh { window, every } => format!("retro w={window} refresh {every}"),
+            Kind::RetroRefresh { window, every, budget: None } => format!("retro w={window} refresh {every}"),
+            Kind::RetroRefresh { window, every, budget: Some(b) } => format!("retro w={window} refresh {every} at {b}"),
             k => k.name().into(),
         }
     }
@@ -321,6 +324,9 @@ impl EvalArgs {
         if s.windows.iter().any(|&w| w == 0 || w > crate::config::MAX_WINDOW) {
             bail!("--windows: each must be in 1..={}", crate::config::MAX_WINDOW);
         }
+        if !(self.refresh_every.len() <= 1 || self.refresh_every.len() == s.budgets.len()) || self.refresh_every.contains(&0) {
+            bail!("--refresh-every: one N > 0 for every budget, or one per budget of --budgets ({} given for {} budgets)", self.refresh_every.len(), s.budgets.len());
+        }
         if self.segments == 0 || (!self.no_forced && s.decode_steps < self.segments) {
             bail!("--segments: at least 1 and at most --decode-steps");
         }
@@ -411,6 +417,7 @@ struct Cell {
     exposure: Option<f64>,
     supplement_ratio: Option<f64>,
     reads_per_step: Option<f64>,
+    refresh_every: Option<usize>,
     forced_secs: Option<f64>,
     gen_tokens: Option<Vec<u32>>,
     gen_secs: Option<f64>,
@@ -444,8 +451,15 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
     for &w in &setup.windows {
         kinds.push(if w == 1 { Kind::Quest } else { Kind::Retro(w) });
     }
-    if let Some(every) = args.refresh_every {
-        kinds.extend(setup.windows.iter().filter(|&&w| every > w).map(|&window| Kind::RetroRefresh { window, every }));
+    match args.refresh_every[..] {
+        [] => {}
+        [every] => kinds.extend(setup.windows.iter().filter(|&&w| every > w).map(|&window| Kind::RetroRefresh { window, every, budget: None })),
+        ref per_budget => {
+            for (&every, &budget) in per_budget.iter().zip(&setup.budgets) {
+                let windows = setup.windows.iter().filter(|&&w| every > w);
+                kinds.extend(windows.map(|&window| Kind::RetroRefresh { window, every, budget: Some(budget) }));
+            }
+        }
     }
     if setup.check_retro_w1 && setup.windows.contains(&1) {
         kinds.push(Kind::Retro(1));
@@ -481,7 +495,10 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
     let (engine, _) = crate::server::build_engine_with_policy(&server_args, &source, Some(switch.clone())).await?;
     let load_secs = started.elapsed().as_secs_f64();
 
-    let per_phase_forced = |k: Kind| if k == Kind::Full { 1 } else { nb };
+    let per_phase_forced = |k: Kind| match k {
+        Kind::Full | Kind::RetroRefresh { budget: Some(_), .. } => 1,
+        _ => nb,
+    };
     let total: u64 = kinds
         .iter()
         .map(|&k| {
@@ -524,7 +541,11 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
     let mut records = Vec::new();
     let outcome: Result<()> = async {
         for &kind in &kinds {
-            let budgets: Vec<f64> = if kind == Kind::Full { vec![1.0] } else { setup.budgets.clone() };
+            let budgets: Vec<f64> = match kind {
+                Kind::Full => vec![1.0],
+                Kind::RetroRefresh { budget: Some(b), .. } => vec![b],
+                _ => setup.budgets.clone(),
+            };
             let forced = !args.no_forced;
             // retro w = 1 generates too: its check against quest needs the very same batch (the float
             // sums of a matmul depend on its row count).
@@ -583,12 +604,14 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
                     }
                     let cell = cells.entry(key(kind, *b)).or_default();
                     cell.forced = Some(record);
+                    cell.refresh_every = kind.refresh_every();
                     cell.forced_secs = Some(secs);
                     let quest = policy.quest.as_deref().or(policy.retro.as_deref().map(RetroPolicy::quest));
                     cell.reads_per_step = quest.and_then(|q| q.sequence_reads(ids[i])).map(|r| r as f64 / setup.decode_steps as f64);
                     if let Some(retro) = &policy.retro {
                         let n = wait_numbers(retro, ids[i]).await;
-                        cell.exposure = n.and_then(|n| n.exposure());
+                        // A window of one has no past rows: its rows see their own pages (as quest's).
+                        cell.exposure = n.and_then(|n| n.exposure()).or((kind.window() == 1).then_some(1.0));
                         cell.supplement_ratio = n.map(|n| n.supplement_pages as f64 / n.pages_loaded.max(1) as f64);
                     } else {
                         cell.exposure = Some(1.0);
@@ -673,7 +696,7 @@ fn write_results(
             correct_answers,
             exposure: cell.exposure,
             supplement_ratio: cell.supplement_ratio,
-            refresh_every: policy.eq("retro-refresh").then_some(args.refresh_every).flatten(),
+            refresh_every: cell.refresh_every,
             reads_per_step: cell.reads_per_step,
             reads_vs_quest: cells
                 .get(&("quest".into(), (budget * 1e6).round() as u64, 1))
