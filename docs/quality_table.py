@@ -19,9 +19,14 @@ def pm(m, s, n=4):
 
 
 quest = {r["budget"]: r for r in recs if r["policy"] == "quest"}
-print("| policy | budget | w | KL(full‖policy) mean ± sd over segments | gap closed vs quest | perplexity ± sd | top-1 = full | agree tokens | agree answers | exposure |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-order = {"full": 0, "quest": 1, "quest-oracle-kv": 2, "retro": 3}
+def name(r):
+    every = r.get("refresh_every")
+    return f"{r['policy']} (N = {every})" if every else r["policy"]
+
+
+print("| policy | budget | w | KL(full‖policy) mean ± sd over segments | gap closed vs quest | perplexity ± sd | top-1 = full | agree tokens | agree answers | exposure | reads vs quest |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+order = {"full": 0, "quest": 1, "quest-oracle-kv": 2, "retro": 3, "retro-refresh": 4}
 for r in sorted(recs, key=lambda r: (r["budget"] if r["policy"] != "full" else -1, order.get(r["policy"], 9), r["window"])):
     q = quest.get(r["budget"])
     gap = "–"
@@ -29,8 +34,9 @@ for r in sorted(recs, key=lambda r: (r["budget"] if r["policy"] != "full" else -
         gap = f"{100 * (1 - r['kl_mean'] / q['kl_mean']):+.1f}%"
     budget = "100%" if r["policy"] == "full" else f"{r['budget']:.0%}"
     print(
-        f"| {r['policy']} | {budget} | {r['window']} | {pm(r['kl_mean'], r['kl_std'])} | {gap} | {pm(r['ppl'], r['ppl_std'], 2)} "
-        f"| {f(r['top1_agree'], 3)} | {r['agree_tokens'] if r['agree_tokens'] is not None else '–'} | {f(r['agree_answers'], 2)} | {f(r['exposure'], 3)} |"
+        f"| {name(r)} | {budget} | {r['window']} | {pm(r['kl_mean'], r['kl_std'])} | {gap} | {pm(r['ppl'], r['ppl_std'], 2)} "
+        f"| {f(r['top1_agree'], 3)} | {r['agree_tokens'] if r['agree_tokens'] is not None else '–'} | {f(r['agree_answers'], 2)} | {f(r['exposure'], 3)} "
+        f"| {f(r.get('reads_vs_quest'), 2)} |"
     )
 print()
 print("Per-segment mean KL (segments of the forced steps, in order):")
@@ -40,6 +46,6 @@ print("|---|---:|---:|" + "---:|" * d["segments"])
 for r in sorted(recs, key=lambda r: (r["budget"], order.get(r["policy"], 9), r["window"])):
     if r["policy"] == "full":
         continue
-    print(f"| {r['policy']} | {r['budget']:.0%} | {r['window']} | " + " | ".join(f"{x:.4f}" for x in r["kl_segments"]) + " |")
+    print(f"| {name(r)} | {r['budget']:.0%} | {r['window']} | " + " | ".join(f"{x:.4f}" for x in r["kl_segments"]) + " |")
 print()
 print("Phase wall times (s):", ", ".join(f"{p['phase']} {p['seconds']:.0f}" for p in d["phase_seconds"]), f"; total {d['total_seconds']:.0f} s")
