@@ -258,19 +258,16 @@ impl RetroPolicy {
             let Some(block) = state.block.as_mut() else { continue };
             for j in 0..rows {
                 let (pos, at) = (first_pos + j, seq * rows + j);
-                let pool_row = block.device_row(layer, pos);
                 match if j == past { PastRow::Fresh } else { kinds[seq * past + j] } {
                     PastRow::Skip => {}
                     PastRow::Cached => {
+                        let pool_row = block.device_row(layer, pos);
                         let row = block.row(layer, pos).expect("classified as cached");
                         values.merge(at, row, pool_row);
                         mark_selected(row, &plan, seq, kv_heads, pos, block_size);
                     }
                     kind @ (PastRow::Dense | PastRow::Fresh) => {
-                        // A new entry: the row it replaces has left the window.
-                        let slot = block.slot(layer, pos);
-                        state.numbers.close_row(slot);
-                        values.enter(at, slot, pool_row, pos, kv_heads, pages);
+                        let slot = values.enter(at, block, &mut state.numbers, layer, pos, kv_heads, pages);
                         if kind == PastRow::Dense {
                             slot.seen_all = true;
                         } else {
@@ -331,11 +328,7 @@ impl RetroPolicy {
             let Some(block) = state.block.as_mut() else { continue };
             for j in rows - stay..rows {
                 let (pos, at) = (ctx - rows + j, seq * rows + j);
-                let pool_row = block.device_row(layer, pos);
-                let slot = block.slot(layer, pos);
-                state.numbers.close_row(slot);
-                values.enter(at, slot, pool_row, pos, kv_heads, ctx.div_ceil(block_size));
-                slot.seen_all = true;
+                values.enter(at, block, &mut state.numbers, layer, pos, kv_heads, ctx.div_ceil(block_size)).seen_all = true;
             }
         }
         drop(inner);
@@ -413,8 +406,22 @@ impl RowValues {
         let _ = pool_row;
     }
 
-    /// Row `at` enters the window at `slot` with this step's result, having seen nothing yet.
-    fn enter(&mut self, at: usize, slot: &mut super::output_cache::RowEntry, pool_row: usize, pos: usize, kv_heads: usize, pages: usize) {
+    /// Row `at` (position `pos`) enters the window with this step's result, having seen nothing
+    /// yet; the entry its slot held has left the window (its exposure is counted). Returns the slot.
+    #[allow(clippy::too_many_arguments)]
+    fn enter<'b>(
+        &mut self,
+        at: usize,
+        block: &'b mut super::output_cache::OutputCacheBlock,
+        numbers: &mut super::output_cache::SequenceNumbers,
+        layer: usize,
+        pos: usize,
+        kv_heads: usize,
+        pages: usize,
+    ) -> &'b mut super::output_cache::RowEntry {
+        let pool_row = block.device_row(layer, pos);
+        let slot = block.slot(layer, pos);
+        numbers.close_row(slot);
         match self {
             Self::Host { out, lse, shape: (_, heads, head_dim) } => {
                 let row_len = *heads * *head_dim;
@@ -428,6 +435,7 @@ impl RowValues {
         }
         #[cfg(not(feature = "cuda"))]
         let _ = pool_row;
+        slot
     }
 
     /// The layer's attention output, in the query's dtype.
