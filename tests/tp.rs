@@ -24,10 +24,7 @@ fn start(ranks: usize, policy: &[&str]) -> Server {
     }
     let ring = workspace_root().join("target/ring/mistralrs-server");
     assert!(ring.is_file(), "{} is missing: run scripts/build-ring.sh", ring.display());
-    // A fresh ring port range per start: the previous ranks' sockets may still be closing.
-    static STARTS: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
-    let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let base = (20000 + (std::process::id() % 2000) as u16 * 10 + n * 10 % 5000).to_string();
+    let base = ring_base_port(ranks).to_string();
     let script = workspace_root().join("scripts/serve-tp.sh");
     let ranks = ranks.to_string();
     let server = Server::start_command(
@@ -37,6 +34,29 @@ fn start(ranks: usize, policy: &[&str]) -> Server {
     );
     assert_eq!(server.worker_ports.len() + 1, ranks.parse::<usize>().unwrap(), "every worker rank reports its metrics port");
     server
+}
+
+/// The first of `ranks + 1` consecutive free ports for the ring, below the kernel's ephemeral range:
+/// every rank's /metrics server binds port 0, and a port taken from the ephemeral range could be handed
+/// to one of them between our check and the ring's bind ("bind left: Address already in use", seen in CI).
+/// Each start gets a fresh range, since the previous ranks' sockets may still be closing.
+fn ring_base_port(ranks: usize) -> u16 {
+    static STARTS: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, span) = (20000u16, ephemeral_low.saturating_sub(20000 + 16).max(100));
+    for _ in 0..200 {
+        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let offset = ((std::process::id() as u64 * 7919 + n as u64 * 16) % span as u64) as u16;
+        let base = low + offset;
+        let all_free = (0..=ranks as u16).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok());
+        if all_free {
+            return base;
+        }
+    }
+    panic!("no {} consecutive free ports in {low}..{}", ranks + 1, low + span);
 }
 
 fn metric_at(port: u16, name: &str) -> f64 {
