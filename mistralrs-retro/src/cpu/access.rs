@@ -199,8 +199,11 @@ impl CacheGeometry {
     #[inline]
     pub fn value_page_to_rows(&self, page: &[f32], tokens: usize, rows: &mut [f32]) {
         let hd = self.head_dim;
+        // Element by element this took about a fifth of the decode kernel's time (perf of the
+        // decode_kernel bench at 8K); 4x4 register tiles move the same values a vector at a time.
+        let tiled = value_tiles_to_rows(page, self.block_size, hd, tokens, rows);
         for (d, across_tokens) in page.chunks_exact(self.block_size).enumerate() {
-            for (t, &v) in across_tokens[..tokens].iter().enumerate() {
+            for (t, &v) in across_tokens[..tokens].iter().enumerate().skip(tiled) {
                 rows[t * hd + d] = v;
             }
         }
@@ -220,6 +223,52 @@ fn key_chunks_to_rows<const X: usize>(
         for (t, src) in chunks[..tokens].iter().enumerate() {
             let dst: &mut [f32; X] = (&mut rows[t * head_dim + c * X..][..X]).try_into().unwrap();
             *dst = *src;
+        }
+    }
+}
+
+/// Transposes the value page's first `tokens / 4 * 4` tokens in 4x4 tiles and returns how many
+/// it did; the caller does the rest. 0 where it does not apply.
+#[inline]
+fn value_tiles_to_rows(page: &[f32], block_size: usize, head_dim: usize, tokens: usize, rows: &mut [f32]) -> usize {
+    let tiled = tokens / 4 * 4;
+    if !(cfg!(target_arch = "x86_64") && tiled > 0 && head_dim.is_multiple_of(4) && tokens <= block_size) {
+        return 0;
+    }
+    assert!(page.len() >= head_dim * block_size && rows.len() >= tokens * head_dim);
+    for d in (0..head_dim).step_by(4) {
+        for t in (0..tiled).step_by(4) {
+            // SAFETY: source rows d..d + 4 < head_dim of block_size values from t + 4 <= tokens,
+            // destination rows t..t + 4 < tokens of head_dim values from d + 4 <= head_dim.
+            unsafe { transpose_4x4(page.as_ptr().add(d * block_size + t), block_size, rows.as_mut_ptr().add(t * head_dim + d), head_dim) };
+        }
+    }
+    tiled
+}
+
+/// `dst[j * dst_stride + k] = src[k * src_stride + j]` for j, k < 4, a vector at a time (SSE is
+/// part of x86_64's baseline); elsewhere element by element.
+///
+/// # Safety
+/// The 4x4 tile must lie inside both allocations.
+#[inline(always)]
+unsafe fn transpose_4x4(src: *const f32, src_stride: usize, dst: *mut f32, dst_stride: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        let (r0, r1) = (_mm_loadu_ps(src), _mm_loadu_ps(src.add(src_stride)));
+        let (r2, r3) = (_mm_loadu_ps(src.add(2 * src_stride)), _mm_loadu_ps(src.add(3 * src_stride)));
+        let (lo01, hi01) = (_mm_unpacklo_ps(r0, r1), _mm_unpackhi_ps(r0, r1));
+        let (lo23, hi23) = (_mm_unpacklo_ps(r2, r3), _mm_unpackhi_ps(r2, r3));
+        _mm_storeu_ps(dst, _mm_movelh_ps(lo01, lo23));
+        _mm_storeu_ps(dst.add(dst_stride), _mm_movehl_ps(lo23, lo01));
+        _mm_storeu_ps(dst.add(2 * dst_stride), _mm_movelh_ps(hi01, hi23));
+        _mm_storeu_ps(dst.add(3 * dst_stride), _mm_movehl_ps(hi23, hi01));
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    for j in 0..4 {
+        for k in 0..4 {
+            *dst.add(j * dst_stride + k) = *src.add(k * src_stride + j);
         }
     }
 }
@@ -314,5 +363,34 @@ impl BlockTables {
             );
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tiled transpose against the plain definition, for every partial page length and for
+    /// head dims the tiles do and do not divide; the rows past `tokens` must stay untouched.
+    #[test]
+    fn value_page_to_rows_is_the_transpose_for_every_token_count() {
+        for (head_dim, block_size) in [(64, 16), (128, 32), (6, 16), (8, 8)] {
+            let g = CacheGeometry { dtype: DType::F32, num_blocks: 1, kv_heads: 1, head_dim, block_size, chunk: 4 };
+            let page: Vec<f32> = (0..head_dim * block_size).map(|i| i as f32 * 0.5 - 7.0).collect();
+            for tokens in 0..=block_size {
+                let mut rows = vec![f32::NAN; block_size * head_dim];
+                g.value_page_to_rows(&page, tokens, &mut rows);
+                for t in 0..block_size {
+                    for d in 0..head_dim {
+                        let got = rows[t * head_dim + d];
+                        if t < tokens {
+                            assert_eq!(got, page[g.value_in_page(t, d)], "hd {head_dim} bs {block_size} tokens {tokens} t {t} d {d}");
+                        } else {
+                            assert!(got.is_nan(), "hd {head_dim} bs {block_size} tokens {tokens}: row {t} written");
+                        }
+                    }
+                }
+            }
+        }
     }
 }

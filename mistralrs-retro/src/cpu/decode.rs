@@ -566,6 +566,25 @@ struct SplitKernel<'a, T, L> {
 impl<T: CacheElem, L: PageLists> SplitKernel<'_, T, L> {
     /// Online softmax over the task's pages for every (group head, row) state.
     fn run(&self, task: &SplitTask, scratch: &mut PageScratch, partial: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: the CPU has AVX2 (checked at run time).
+            return unsafe { self.run_avx2(task, scratch, partial) };
+        }
+        self.run_portable(task, scratch, partial)
+    }
+
+    /// The same code with 256-bit vectors: the build targets x86_64's baseline (SSE2), and the dot
+    /// products and axpys here are the kernel's arithmetic. Rust never fuses a multiply and an add
+    /// on its own, so each lane computes exactly what the SSE2 code computes: bit-identical results.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn run_avx2(&self, task: &SplitTask, scratch: &mut PageScratch, partial: &mut [f32]) {
+        self.run_portable(task, scratch, partial)
+    }
+
+    #[inline(always)]
+    fn run_portable(&self, task: &SplitTask, scratch: &mut PageScratch, partial: &mut [f32]) {
         let Self {
             inputs,
             lists,
@@ -584,6 +603,16 @@ impl<T: CacheElem, L: PageLists> SplitKernel<'_, T, L> {
 
         for at in task.first_page..task.end_page {
             let PageUse { page, rows: mask } = lists.entry(task.seq, task.kv_head, at);
+            if at + 1 < task.end_page {
+                // Pages are scattered blocks of a few KB, too short for the hardware prefetcher to
+                // ramp up on: ask for the next one while this one is computed.
+                let next = lists.entry(task.seq, task.kv_head, at + 1).page as usize;
+                if let Some(&block) = table.get(next) {
+                    let next_at = g.page_offset(block as usize, task.kv_head);
+                    prefetch(key_cache.get(next_at..next_at + g.page_len()));
+                    prefetch(value_cache.get(next_at..next_at + g.page_len()));
+                }
+            }
             let page_start = page as usize * block_size;
             let uses_row = |row: usize| L::EVERY_ROW || (mask >> row) & 1 != 0;
             // Causal limits grow with the row, so the last using row bounds what must be read:
@@ -660,8 +689,39 @@ impl<T: CacheElem, L: PageLists> SplitKernel<'_, T, L> {
     }
 }
 
+/// Tests set this to run the SSE2 code on a machine with AVX2 and compare the two bit for bit.
+#[cfg(all(test, target_arch = "x86_64"))]
+static FORCE_PORTABLE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    #[cfg(test)]
+    if FORCE_PORTABLE.load(std::sync::atomic::Ordering::SeqCst) {
+        return false;
+    }
+    static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVX2.get_or_init(|| std::is_x86_feature_detected!("avx2"))
+}
+
+/// Asks for every cache line of `data` (a hint: no effect on results).
+#[inline(always)]
+fn prefetch<T>(data: Option<&[T]>) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(data) = data {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let (start, bytes) = (data.as_ptr() as *const i8, std::mem::size_of_val(data));
+        for line in (0..bytes).step_by(64) {
+            // SAFETY: a prefetch never faults, and `line` stays inside `data` anyway.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.add(line)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
+}
+
 /// Several independent accumulators so the reduction vectorises without reassociation flags.
-#[inline]
+/// Always inlined, so that it is compiled with the caller's target features (`run_avx2`).
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     const LANES: usize = 16;
     let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
@@ -680,7 +740,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
-#[inline]
+#[inline(always)]
 fn axpy(acc: &mut [f32], a: f32, x: &[f32]) {
     for (y, &x) in acc.iter_mut().zip(x) {
         *y += a * x;
@@ -695,6 +755,7 @@ mod tests {
     };
     use super::*;
 
+    #[derive(Debug)]
     struct Case {
         dtype: DType,
         block_size: usize,
@@ -736,6 +797,15 @@ mod tests {
         let (kc, vc, bt, cl) = decode_args(&batch);
 
         let out = paged_decode(&query, kc, vc, bt, cl, scale, case.softcap).unwrap();
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // The AVX2 build of the kernel must be the SSE2 one with wider vectors, bit for bit.
+            FORCE_PORTABLE.store(true, std::sync::atomic::Ordering::SeqCst);
+            let portable = paged_decode(&query, kc, vc, bt, cl, scale, case.softcap);
+            FORCE_PORTABLE.store(false, std::sync::atomic::Ordering::SeqCst);
+            let bits = |t: &Tensor| to_f32_vec(t).iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert!(bits(&out) == bits(&portable.unwrap()), "AVX2 and SSE2 kernels differ: {case:?} lens {lens:?}");
+        }
         let reference =
             paged_decode_reference(&query, kc, vc, bt, cl, scale, case.softcap).unwrap();
         assert_eq!(out.dims(), query.dims());

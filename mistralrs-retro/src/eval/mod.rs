@@ -495,14 +495,18 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
     let (engine, _) = crate::server::build_engine_with_policy(&server_args, &source, Some(switch.clone())).await?;
     let load_secs = started.elapsed().as_secs_f64();
 
-    let per_phase_forced = |k: Kind| match k {
-        Kind::Full | Kind::RetroRefresh { budget: Some(_), .. } => 1,
-        _ => nb,
+    // The budgets each configuration's batch runs: `full` needs none, a refresh with its own N one.
+    let kind_budgets = |k: Kind| -> Vec<f64> {
+        match k {
+            Kind::Full => vec![1.0],
+            Kind::RetroRefresh { budget: Some(b), .. } => vec![b],
+            _ => setup.budgets.clone(),
+        }
     };
     let total: u64 = kinds
         .iter()
         .map(|&k| {
-            let n = per_phase_forced(k) as u64;
+            let n = kind_budgets(k).len() as u64;
             let forced = if args.no_forced { 0 } else { n * (setup.decode_steps as u64 + 1) };
             let gen = if k == Kind::QuestOracle { 0 } else { n * setup.gen_tokens as u64 };
             forced + gen
@@ -541,11 +545,7 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
     let mut records = Vec::new();
     let outcome: Result<()> = async {
         for &kind in &kinds {
-            let budgets: Vec<f64> = match kind {
-                Kind::Full => vec![1.0],
-                Kind::RetroRefresh { budget: Some(b), .. } => vec![b],
-                _ => setup.budgets.clone(),
-            };
+            let budgets = kind_budgets(kind);
             let forced = !args.no_forced;
             // retro w = 1 generates too: its check against quest needs the very same batch (the float
             // sums of a matmul depend on its row count).
