@@ -2,8 +2,8 @@
 // mistralrs-quant/0001 (`rows::<M>`, one 8-lane accumulator per input row) against a variant with four
 // accumulators per input row (`rows4`). A perf profile of the server at ~6.5K context puts 64% of
 // retro w=2's extra CPU time over quest in `rows_avx2::<2>`: with one accumulator per row, M = 2 gives
-// two dependent add chains, so the loop waits on add latency. Not wired into the patch yet (it changes
-// the float summation order of retro's 2-row products, so its snapshots need re-reading).
+// two dependent add chains, so the loop waits on add latency. Patch 0001 now keeps 4 accumulators per
+// row for 2 or 3 rows (2 for 4 rows); `rows` below is the kernel as it was before.
 //
 //   rustc -O scripts/bench/small_rows.rs -o /tmp/small_rows && /tmp/small_rows
 //
