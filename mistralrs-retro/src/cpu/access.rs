@@ -232,7 +232,7 @@ fn key_chunks_to_rows<const X: usize>(
 #[inline]
 fn value_tiles_to_rows(page: &[f32], block_size: usize, head_dim: usize, tokens: usize, rows: &mut [f32]) -> usize {
     let tiled = tokens / 4 * 4;
-    if !(cfg!(target_arch = "x86_64") && tiled > 0 && head_dim.is_multiple_of(4) && tokens <= block_size) {
+    if !(tiled > 0 && head_dim.is_multiple_of(4) && tokens <= block_size) {
         return 0;
     }
     assert!(page.len() >= head_dim * block_size && rows.len() >= tokens * head_dim);
