@@ -9,7 +9,9 @@
 //     block-wide compaction writes the winners; ties at the threshold go to the lowest pages.
 //  3. retro_row_masks: which query rows of the replay window use each selected page: the newest
 //     row always; an older row only when it is a cached row that has not seen the page yet (its
-//     "supplement"), after which the page is marked seen.
+//     "supplement"), after which the page is marked seen; then the newest row's bitset starts over
+//     with this selection. The bitsets live on the device across steps, so retro's plan needs no
+//     read-back.
 #include "common.cuh"
 
 // grid: (ceil(max_pages / (WARPS * PAGES_PER_WARP)), kv_heads, batch); block: 32 * WARPS.
@@ -208,30 +210,74 @@ extern "C" __global__ void select_top_pages_u32(const float* scores, int max_pag
                         sel_pages, sel_counts, stride);
 }
 
-// grid: (kv_heads, batch); block: 256. row_state [batch, rows - 1]: 1 = a cached past row (gets
-// supplements), 0 = skip. seen: u32 bitsets [batch, rows - 1, kv_heads, seen_words].
+// grid: (kv_heads, batch); block: 256. The window's rows keep their seen-page bitsets in a pool
+// that outlives the step (u32 seen [pool_rows, kv_heads, words], one row per (output-cache block,
+// layer, slot)); meta i32 [batch, 2 * rows + 1] per sequence: rows - 1 states of the past rows
+// (1 = a cached row that gets supplements, 0 = skip), the pool row of each row (past rows, then the
+// newest; -1 = none), the sequence's counter slot (-1 = none), and whether the row leaving the window
+// counts toward exposure. counters u64 [slots, 2]: supplement pages, pages seen by closed rows.
+// After the masks, the newest row takes its pool row (the slot of the row leaving the window):
+// cleared, then marked with this selection.
 extern "C" __global__ void retro_row_masks(const uint32_t* __restrict__ sel_pages,
                                            const uint32_t* __restrict__ sel_counts, int stride,
                                            uint32_t* __restrict__ masks,
-                                           uint32_t* __restrict__ seen, int seen_words,
-                                           const uint32_t* __restrict__ row_state, int rows,
-                                           int kv_heads) {
+                                           uint32_t* __restrict__ seen, int words,
+                                           const int32_t* __restrict__ meta,
+                                           const uint32_t* __restrict__ context_lens,
+                                           int block_size, int rows, int kv_heads,
+                                           unsigned long long* __restrict__ counters) {
   const int h = blockIdx.x, seq = blockIdx.y;
   const int list = seq * kv_heads + h;
   const int count = sel_counts[list];
+  const int32_t* m = meta + (int64_t)seq * (2 * rows + 1);
+  const int32_t* pool_row = m + (rows - 1);
+  const int counter = m[2 * rows - 1], count_leaving = m[2 * rows];
+  const int first_pos = (int)context_lens[seq] - rows;
+  __shared__ unsigned long long block_sum;
+  if (threadIdx.x == 0) block_sum = 0;
+  __syncthreads();
+  unsigned long long supplements = 0;
   for (int i = threadIdx.x; i < count; i += blockDim.x) {
     const uint32_t page = sel_pages[(int64_t)list * stride + i];
     uint32_t mask = 1u << (rows - 1);
     for (int r = 0; r < rows - 1; ++r) {
-      if (row_state[seq * (rows - 1) + r] != 1u) continue;
-      uint32_t* bits = seen + (((int64_t)seq * (rows - 1) + r) * kv_heads + h) * seen_words;
+      // A page that starts after the row holds nothing it may attend to.
+      if (m[r] != 1 || pool_row[r] < 0 || (int64_t)page * block_size > first_pos + r) continue;
+      uint32_t* bits = seen + ((int64_t)pool_row[r] * kv_heads + h) * words;
       const uint32_t bit = 1u << (page % 32);
       // Pages within a list are distinct, so no other thread touches this bit.
       if (!(bits[page / 32] & bit)) {
         mask |= 1u << r;
         atomicOr(&bits[page / 32], bit);
+        ++supplements;
       }
     }
     masks[(int64_t)list * stride + i] = mask;
+  }
+  const int newest = pool_row[rows - 1];
+  if (counter >= 0 && supplements) atomicAdd(&block_sum, supplements);
+  __syncthreads();
+  if (newest < 0) {
+    if (threadIdx.x == 0 && counter >= 0 && block_sum) atomicAdd(&counters[2 * counter], block_sum);
+    return;
+  }
+  uint32_t* bits = seen + ((int64_t)newest * kv_heads + h) * words;
+  unsigned long long leaving = 0;
+  if (count_leaving)
+    for (int w = threadIdx.x; w < words; w += blockDim.x) leaving += __popc(bits[w]);
+  __shared__ unsigned long long leaving_sum;
+  if (threadIdx.x == 0) leaving_sum = 0;
+  __syncthreads();
+  if (leaving) atomicAdd(&leaving_sum, leaving);
+  __syncthreads();  // every read of the leaving row's bits is done
+  if (threadIdx.x == 0 && counter >= 0) {
+    if (block_sum) atomicAdd(&counters[2 * counter], block_sum);
+    if (leaving_sum) atomicAdd(&counters[2 * counter + 1], leaving_sum);
+  }
+  for (int w = threadIdx.x; w < words; w += blockDim.x) bits[w] = 0;
+  __syncthreads();
+  for (int i = threadIdx.x; i < count; i += blockDim.x) {
+    const uint32_t page = sel_pages[(int64_t)list * stride + i];
+    atomicOr(&bits[page / 32], 1u << (page % 32));
   }
 }

@@ -302,21 +302,33 @@ pub fn select_pages(plan: &DevicePlan, queries: &Tensor, bounds: &Tensor, block_
     Ok(Selection { pages, counts, masks: None })
 }
 
-/// Retro's row masks for a selection: the newest row uses every listed page; an older row (state 1
-/// in `row_state` u32 `[batch, rows - 1]`; 0 = skip it) uses the pages its `seen` bitset (u32
-/// `[batch, rows - 1, kv_heads, words]`) lacks, which are then marked seen.
-pub fn retro_row_masks(plan: &DevicePlan, selection: &mut Selection, seen: &Tensor, row_state: &Tensor) -> Result<()> {
+/// Retro's row masks for a selection, from seen-page bitsets kept on the device across steps.
+///
+/// `seen` u32 `[pool_rows, kv_heads, words]` (`words * 32` ≥ the plan's pages); `meta` (i32 values
+/// in a u32 tensor) `[batch, 2 * rows + 1]`, per sequence: the states of its `rows - 1` past rows (1 = a cached row,
+/// which uses the listed pages its bitset lacks and then marks them; 0 = skip), the pool row of
+/// each row (past rows, then the newest; -1 = none), its counter slot (-1 = none) and whether the
+/// row leaving the window counts toward exposure (1/0); `counters` i64 `[slots, 2]` accumulate
+/// supplement pages and the pages the leaving rows had seen. The newest row always uses every listed
+/// page; afterwards its pool row (the leaving row's slot) holds exactly this selection.
+pub fn retro_row_masks(plan: &DevicePlan, selection: &mut Selection, seen: &Tensor, meta: &Tensor, counters: &Tensor) -> Result<()> {
     let p = &plan.plan;
     let dev = cuda_device(&selection.pages, "selection")?;
     if p.rows < 2 {
         bail!("retro-kernels: row masks need a window of at least 2 rows, the plan has {}", p.rows);
     }
     check_dtype(seen, DType::U32, "seen")?;
-    check_dtype(row_state, DType::U32, "row_state")?;
-    check_dims(row_state, &[p.batch, p.rows - 1], "row_state")?;
-    let (sb, sr, sh, words) = seen.dims4()?;
-    if (sb, sr, sh) != (p.batch, p.rows - 1, p.kv_heads) || words * 32 < p.max_pages {
-        bail!("retro-kernels: seen {:?} does not fit batch {} x {} past rows x {} kv heads x {} pages", seen.dims(), p.batch, p.rows - 1, p.kv_heads, p.max_pages);
+    // i32 values carried in a u32 tensor (-1 = 0xffff_ffff): candle has no i32 dtype.
+    check_dtype(meta, DType::U32, "meta")?;
+    check_dims(meta, &[p.batch, 2 * p.rows + 1], "meta")?;
+    check_dtype(counters, DType::I64, "counters")?;
+    let (_, two) = counters.dims2()?;
+    let (_, sh, words) = seen.dims3()?;
+    if sh != p.kv_heads || words * 32 < p.max_pages || two != 2 {
+        bail!("retro-kernels: seen {:?} / counters {:?} do not fit {} kv heads x {} pages", seen.dims(), counters.dims(), p.kv_heads, p.max_pages);
+    }
+    if !seen.is_contiguous() || !meta.is_contiguous() || !counters.is_contiguous() {
+        bail!("retro-kernels: seen, meta and counters must be contiguous");
     }
     let masks = new_tensor::<u32>(&dev, &[p.lists(), p.stride.max(1)])?;
     if p.lists() > 0 {
@@ -325,16 +337,20 @@ pub fn retro_row_masks(plan: &DevicePlan, selection: &mut Selection, seen: &Tens
         let (ns, nl) = selection.counts.storage_and_layout();
         let (ms, ml) = masks.storage_and_layout();
         let (es, el) = seen.storage_and_layout();
-        let (rs, rl) = row_state.storage_and_layout();
+        let (rs, rl) = meta.storage_and_layout();
+        let (cs, cl) = plan.context_lens.storage_and_layout();
+        let (ks, kl) = counters.storage_and_layout();
         let p_ = view::<u32>(&ps, pl, "selected pages")?;
         let n_ = view::<u32>(&ns, nl, "selected counts")?;
         let m_ = view::<u32>(&ms, ml, "masks")?;
         let e_ = view::<u32>(&es, el, "seen")?;
-        let r_ = view::<u32>(&rs, rl, "row_state")?;
-        let ints = [p.stride.max(1) as i32, words as i32, p.rows as i32, p.kv_heads as i32];
+        let r_ = view::<u32>(&rs, rl, "meta")?;
+        let c_ = view::<u32>(&cs, cl, "context_lens")?;
+        let k_ = view::<i64>(&ks, kl, "counters")?;
+        let ints = [p.stride.max(1) as i32, words as i32, p.block_size as i32, p.rows as i32, p.kv_heads as i32];
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&func);
-        b.arg(&p_).arg(&n_).arg(&ints[0]).arg(&m_).arg(&e_).arg(&ints[1]).arg(&r_).arg(&ints[2]).arg(&ints[3]);
+        b.arg(&p_).arg(&n_).arg(&ints[0]).arg(&m_).arg(&e_).arg(&ints[1]).arg(&r_).arg(&c_).arg(&ints[2]).arg(&ints[3]).arg(&ints[4]).arg(&k_);
         unsafe { b.launch(launch1d((p.kv_heads as u32, p.batch as u32, 1), 256, 0)) }.w()?;
     }
     selection.masks = Some(masks);

@@ -286,7 +286,9 @@ def compare(args):
         name, _, extra_flags = policy_spec(policy)
         flags = ["--model", args.model, "--dtype", args.dtype, "--kv-policy", name, "--max-seqs", "4"] + extra_flags
         body = {"model": "default", "prompt": prompt, "max_tokens": 24, "temperature": 0}
-        r = ask_once(args.binary, flags, args.port + i, os.path.join(OUT, f"compare-{file_label(policy)}.log"), "/v1/completions", body)
+        tag = file_label(policy + ("-host-masks" if os.environ.get("RETRO_HOST_MASKS") == "1" else ""))
+        r = ask_once(args.binary, flags, args.port + i, os.path.join(OUT, f"compare-{tag}.log"), "/v1/completions", body,
+                     metrics=os.path.join(OUT, f"compare-metrics-{tag}.txt"))
         texts.append(r["choices"][0]["text"] if "choices" in r else f"ERROR {r}")
         print(f"compare {policy}: {'same as first' if texts[-1] == texts[0] else 'DIFFERS'}: {texts[-1]!r}", flush=True)
     return all(t == texts[0] for t in texts)

@@ -258,10 +258,18 @@ fn main() -> Result<()> {
                 let plan = DevicePlan::upload(DecodePlan::new(&ctx_host, &budget_pages, w, KV_HEADS, BLOCK, split.0, split.1), &dev)?;
                 let rows_query = Tensor::randn(0f32, 1.0, (batch * w, HEADS, HEAD_DIM), &dev)?.to_dtype(DType::BF16)?;
                 let words = pages.div_ceil(32);
-                let seen = Tensor::zeros((batch, w - 1, KV_HEADS, words), DType::U32, &dev)?;
-                let state = Tensor::ones((batch, w - 1), DType::U32, &dev)?;
+                let seen = Tensor::zeros((batch * w, KV_HEADS, words), DType::U32, &dev)?;
+                // Every past row cached, pool rows as the server lays them out (the newest takes row 0's).
+                let meta: Vec<u32> = (0..batch)
+                    .flat_map(|b| {
+                        let rows = (0..w - 1).map(move |r| (b * w + r) as u32);
+                        std::iter::repeat(1).take(w - 1).chain(rows).chain([(b * w) as u32, b as u32, 1])
+                    })
+                    .collect();
+                let meta = Tensor::from_vec(meta, (batch, 2 * w + 1), &dev)?;
+                let counters = Tensor::zeros((batch, 2), DType::I64, &dev)?;
                 let mut sel = gpu::select_pages(&plan, &rows_query, &bounds, &block_tables)?;
-                let ms = 1e3 * time(&dev, iters, || Ok(gpu::retro_row_masks(&plan, &mut sel, &seen, &state)?))?;
+                let ms = 1e3 * time(&dev, iters, || Ok(gpu::retro_row_masks(&plan, &mut sel, &seen, &meta, &counters)?))?;
                 println!("| {ctx} | {batch} | retro row masks only | 2048 | {w} | {ms:.4} | - | - | - | - |");
             }
         }

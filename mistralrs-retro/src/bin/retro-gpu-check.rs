@@ -7,13 +7,14 @@
 //!
 //! It also checks the one upstream op a replay window leans on that the CPU path never runs: candle's
 //! CUDA quantized matmul (GGUF models) with 2..8 rows, the rows a window of w feeds per sequence, against
-//! the same op one row at a time (`--replay-rows` runs only that part).
+//! the same op one row at a time, and mistralrs-quant's GEMV for unquantized layers with 2..8 rows
+//! against one row at a time, bit for bit (`--replay-rows` runs only these two, `--gemv` the last).
 //!
 //! Built on the CPU machine with `--features cuda`, run on the GPU machine: `scripts/gpu/check.sh`.
 
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use mistralrs_core::kv_policy::CacheAllocation;
 use mistralrs_retro::cpu::{self, PageSelection};
@@ -274,41 +275,92 @@ fn run_case(case: &Case, rng: &mut Rng, gpu_dev: &Device, tally: &mut Tally) -> 
     }
     tally.record("select_pages", case.dtype, 0.0, 0.0, swaps);
 
-    // 3. Retro's row masks for the selection, from random row states and seen bitsets.
+    // 3. Retro's row masks for the selection, from random row states and pooled seen bitsets.
     let mut masks_host: Option<Vec<Vec<u32>>> = None;
     if rows > 1 {
-        let words = max_pages.div_ceil(32).max(1);
-        let state: Vec<u32> = (0..batch * (rows - 1)).map(|_| (rng.below(4) != 0) as u32).collect();
-        let seen: Vec<u32> = (0..batch * (rows - 1) * kvh * words).map(|_| rng.next_u64() as u32 & rng.next_u64() as u32).collect();
-        let g_state = Tensor::from_vec(state.clone(), (batch, rows - 1), gpu_dev)?;
-        let g_seen = Tensor::from_vec(seen.clone(), (batch, rows - 1, kvh, words), gpu_dev)?;
+        let words = max_pages.div_ceil(32).max(1) + rng.below(2);
+        // Each sequence owns `rows` pool rows (shuffled); the newest takes past row 0's, as in the
+        // server (slot pos % (w - 1)), or a row of its own.
+        let pool_rows = batch * rows + 1;
+        let mut order: Vec<usize> = (0..pool_rows).collect();
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.below(i + 1));
+        }
+        let mut meta = vec![0i32; batch * (2 * rows + 1)];
+        for seq in 0..batch {
+            let m = &mut meta[seq * (2 * rows + 1)..(seq + 1) * (2 * rows + 1)];
+            for r in 0..rows - 1 {
+                m[r] = (rng.below(4) != 0) as i32;
+                m[rows - 1 + r] = if rng.below(8) == 0 { -1 } else { order[seq * rows + r] as i32 };
+            }
+            m[2 * rows - 2] = match rng.below(4) {
+                0 => -1,
+                1 => order[seq * rows + rows - 1] as i32,
+                _ => order[seq * rows] as i32,
+            };
+            m[2 * rows - 1] = if rng.below(5) == 0 { -1 } else { seq as i32 };
+            m[2 * rows] = rng.below(2) as i32;
+        }
+        let seen: Vec<u32> = (0..pool_rows * kvh * words).map(|_| rng.next_u64() as u32 & rng.next_u64() as u32).collect();
+        let g_meta = Tensor::from_vec(meta.iter().map(|&v| v as u32).collect::<Vec<u32>>(), (batch, 2 * rows + 1), gpu_dev)?;
+        let g_seen = Tensor::from_vec(seen.clone(), (pool_rows, kvh, words), gpu_dev)?;
+        let g_counters = Tensor::zeros((batch, 2), DType::I64, gpu_dev)?;
         poison(gpu_dev)?;
-        gpu::retro_row_masks(&dplan, &mut g_sel, &g_seen, &g_state)?;
+        gpu::retro_row_masks(&dplan, &mut g_sel, &g_seen, &g_meta, &g_counters)?;
         let g_masks: Vec<Vec<u32>> = g_sel.masks.as_ref().expect("masks").to_vec2()?;
         let g_seen_after: Vec<u32> = g_seen.flatten_all()?.to_vec1()?;
+        let g_counters: Vec<Vec<i64>> = g_counters.to_vec2()?;
+        // The reference: masks and supplements first, then the newest row's bitset starts over.
         let mut want_seen = seen.clone();
+        let mut want_counters = vec![vec![0i64; 2]; batch];
         let mut bad = 0;
         for seq in 0..batch {
+            let m = &meta[seq * (2 * rows + 1)..(seq + 1) * (2 * rows + 1)];
+            let first_pos = case.contexts[seq] as i64 - rows as i64;
+            let counter = (m[2 * rows - 1] >= 0).then_some(seq);
             for h in 0..kvh {
                 let list = seq * kvh + h;
-                for (i, &page) in g_pages[list][..g_counts[list] as usize].iter().enumerate() {
+                let listed = &g_pages[list][..g_counts[list] as usize];
+                for (i, &page) in listed.iter().enumerate() {
                     let mut mask = 1u32 << (rows - 1);
                     for r in 0..rows - 1 {
-                        if state[seq * (rows - 1) + r] != 1 {
+                        if m[r] != 1 || m[rows - 1 + r] < 0 || page as i64 * bs as i64 > first_pos + r as i64 {
                             continue;
                         }
-                        let word = ((seq * (rows - 1) + r) * kvh + h) * words + page as usize / 32;
-                        if seen[word] & (1 << (page % 32)) == 0 {
+                        let word = (m[rows - 1 + r] as usize * kvh + h) * words + page as usize / 32;
+                        if want_seen[word] & (1 << (page % 32)) == 0 {
                             mask |= 1 << r;
                             want_seen[word] |= 1 << (page % 32);
+                            if let Some(c) = counter {
+                                want_counters[c][0] += 1;
+                            }
                         }
                     }
                     bad += (g_masks[list][i] != mask) as usize;
                 }
+                let newest = m[2 * rows - 2];
+                if newest >= 0 {
+                    let bits = &mut want_seen[(newest as usize * kvh + h) * words..][..words];
+                    if let (Some(c), 1) = (counter, m[2 * rows]) {
+                        want_counters[c][1] += bits.iter().map(|w| i64::from(w.count_ones())).sum::<i64>();
+                    }
+                    bits.fill(0);
+                    for &page in listed {
+                        bits[page as usize / 32] |= 1 << (page % 32);
+                    }
+                }
             }
         }
-        if bad > 0 || g_seen_after != want_seen {
-            tally.fail(case, format!("retro_row_masks: {bad} masks differ, seen bitsets {}", if g_seen_after == want_seen { "match" } else { "differ" }));
+        if bad > 0 || g_seen_after != want_seen || g_counters != want_counters {
+            tally.fail(
+                case,
+                format!(
+                    "retro_row_masks: {bad} masks differ, seen bitsets {}, counters {:?} (want {:?})",
+                    if g_seen_after == want_seen { "match" } else { "differ" },
+                    g_counters,
+                    want_counters
+                ),
+            );
         }
         tally.record("retro_row_masks", case.dtype, (bad > 0) as u32 as f32, 0.0, 0);
         masks_host = Some(g_masks);
@@ -457,9 +509,62 @@ fn check_replay_rows(rng: &mut Rng, gpu_dev: &Device) -> Result<Vec<String>> {
     Ok(failures)
 }
 
+/// mistralrs-quant's CUDA GEMV (unquantized linear layers, 1-8 rows; patch mistralrs-quant/0003 gives
+/// 2-8 rows of bf16/f16 a 16-byte-load kernel) at `b` rows against the same call one row at a time,
+/// which must be **bit-identical** (retro = full at a budget above the context rests on it), and
+/// against the CPU in f32. Shapes cover the patched path (K a multiple of 8, K/2 > 128), its
+/// fallbacks (K % 8 ≠ 0, small K, an input 2 elements off 16-byte alignment) and a bias. Returns failures.
+fn check_gemv_rows(rng: &mut Rng, gpu_dev: &Device) -> Result<Vec<String>> {
+    let mut failures = Vec::new();
+    println!("| GEMV (rows x k -> n) | dtype | bias | offset | bit-identical to one row at a time | max rel. error vs CPU |");
+    println!("|---|---|---|---|---|---|");
+    let shapes: &[(usize, usize)] = &[(576, 576), (192, 576), (1536, 576), (576, 1536), (4096, 4096), (300, 200), (264, 262)];
+    for dtype in [DType::BF16, DType::F16, DType::F32] {
+        for &(n, k) in shapes {
+            for (bias_on, offset) in [(false, 0usize), (true, 0), (false, 2)] {
+                let w = rng.tensor(&[n, k], 0.5, dtype).to_device(gpu_dev)?;
+                let bias = if bias_on { Some(rng.tensor(&[n], 0.5, dtype).to_device(gpu_dev)?) } else { None };
+                let mut identical = true;
+                let mut worst = 0f32;
+                for b in 1..=8usize {
+                    // `offset` elements of padding in front move the rows off 16-byte alignment (2: the
+                    // 4 or 8 bytes upstream's pair loads still need).
+                    let flat = rng.tensor(&[offset + b * k], 1.0, dtype).to_device(gpu_dev)?;
+                    let x = flat.narrow(0, offset, b * k)?.reshape((b, k))?;
+                    let case = || format!("GEMV {dtype:?} {b} x {k} -> {n} (bias {bias_on}, offset {offset})");
+                    let batched = mistralrs_quant::gemv::gemv(&x, &w, bias.as_ref()).with_context(case)?;
+                    let bb = to_f32(&batched).with_context(case)?;
+                    let mut one_by_one = Vec::with_capacity(b);
+                    for r in 0..b {
+                        one_by_one.push(mistralrs_quant::gemv::gemv(&x.narrow(0, r, 1)?, &w, bias.as_ref())?);
+                    }
+                    let one_by_one = Tensor::cat(&one_by_one, 0)?;
+                    let ob = to_f32(&one_by_one).with_context(|| format!("{} one row at a time", case()))?;
+                    let nan = bb.iter().any(|v| v.is_nan());
+                    identical &= !nan && bb.iter().zip(&ob).all(|(a, o)| a.to_bits() == o.to_bits());
+                    let (xc, wc) = (x.to_device(&Device::Cpu)?.to_dtype(DType::F32)?, w.to_device(&Device::Cpu)?.to_dtype(DType::F32)?);
+                    let mut cpu_out = xc.matmul(&wc.t()?)?;
+                    if let Some(bias) = &bias {
+                        cpu_out = cpu_out.broadcast_add(&bias.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)?;
+                    }
+                    let (vs_cpu, _) = rel_error(&bb, &cpu_out.flatten_all()?.to_vec1::<f32>()?);
+                    worst = worst.max(if nan { f32::INFINITY } else { vs_cpu });
+                }
+                println!("| 1..8 x {k} -> {n} | {dtype:?} | {bias_on} | {offset} | {} | {worst:.2e} |", if identical { "yes" } else { "NO" });
+                // The output's own rounding (bf16 8 bits, f16 11 bits) dominates the summation order.
+                if !identical || worst > out_tolerance(dtype) {
+                    failures.push(format!("GEMV {dtype:?} x {k} -> {n} (bias {bias_on}, offset {offset}): bit-identical {identical}, {worst:.2e} vs CPU"));
+                }
+            }
+        }
+    }
+    Ok(failures)
+}
+
 fn main() -> ExitCode {
     let quick = std::env::args().any(|a| a == "--quick");
     let replay_rows_only = std::env::args().any(|a| a == "--replay-rows");
+    let gemv_only = std::env::args().any(|a| a == "--gemv");
     let seed = std::env::var("RETRO_GPU_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_u64);
     let gpu_dev = match Device::new_cuda(0) {
         Ok(d) => d,
@@ -469,7 +574,7 @@ fn main() -> ExitCode {
         }
     };
     let mut rng = Rng::new(seed);
-    let all = if replay_rows_only { Vec::new() } else { cases(&mut rng, quick) };
+    let all = if replay_rows_only || gemv_only { Vec::new() } else { cases(&mut rng, quick) };
     let mut tally = Tally::default();
     let started = std::time::Instant::now();
     for (i, case) in all.iter().enumerate() {
@@ -485,9 +590,13 @@ fn main() -> ExitCode {
     for (kernel, dtype, n, rel, lse, swaps) in &tally.rows {
         println!("| {kernel} | {dtype:?} | {n} | {rel:.2e} | {lse:.2e} | {swaps} |");
     }
-    match check_replay_rows(&mut rng, &gpu_dev) {
+    match if gemv_only { Ok(Vec::new()) } else { check_replay_rows(&mut rng, &gpu_dev) } {
         Ok(f) => tally.failures.extend(f),
         Err(e) => tally.failures.push(format!("quantized matmul check: error: {e:#}")),
+    }
+    match check_gemv_rows(&mut rng, &gpu_dev) {
+        Ok(f) => tally.failures.extend(f),
+        Err(e) => tally.failures.push(format!("GEMV check: error: {e:#}")),
     }
     println!("tolerances: out f32 {:.0e}, f16 {:.0e}, bf16 {:.1e} (max abs error / max abs reference); lse {LSE_TOLERANCE:.0e}; bounds and masks exact", out_tolerance(DType::F32), out_tolerance(DType::F16), out_tolerance(DType::BF16));
     if tally.failures.is_empty() {

@@ -4,10 +4,13 @@
 //! against it); dense layers with one query row per sequence keep upstream's paged kernel.
 //!
 //! What still goes through the host, per sparse layer and step: the plan's two small per-sequence
-//! arrays (uploaded), and under `retro` w > 1 the selected lists (read back: the row masks are built
-//! from the host's seen-page sets, then uploaded). Retro's output and lse values stay on the device
-//! (`DeviceOutputCache`); `RETRO_HOST_OUTPUT_CACHE=1` keeps them on the host as the CPU path does
-//! (one more read-back per sparse layer), for comparisons.
+//! arrays and retro's per-sequence row table (uploaded). Retro's output and lse values and its rows'
+//! seen-page bitsets stay on the device (`DeviceOutputCache`), so a window step reads nothing back;
+//! only the steps where a row of the window has no cached entry (the first w − 1 steps after a
+//! prefill, rows after a trim) read the selection back and build the masks on the host, syncing
+//! the rows' bitsets both ways. `RETRO_HOST_MASKS=1` takes that path at every step and
+//! `RETRO_HOST_OUTPUT_CACHE=1` also keeps the values on the host as the CPU path does, for
+//! comparisons.
 
 use std::sync::{Arc, Mutex};
 
@@ -192,19 +195,56 @@ pub fn decode_selection_on_device(
     Ok((out, lse.reshape((rows_total, heads))?))
 }
 
-/// Retro's output cache values on the device: f32 `o [rows, heads, head_dim]` and `lse [rows, heads]`
-/// for every row slot of the pool (`OutputCacheBlock::device_row`); the bookkeeping (positions, seen
-/// pages) stays with the host blocks. A step then needs no read-back of the decode's output.
+/// Retro's window step with the row masks built on the device: select, masks from the device
+/// bitsets (`DeviceOutputCache::seen`), decode, with no read-back. `meta` is `retro_row_masks`'s
+/// per-sequence row table. The plan is the one a host-built selection of the same lists would get
+/// (same stride and splits), so the output is the host path's bit for bit.
+#[allow(clippy::too_many_arguments)]
+pub fn retro_decode_on_device(
+    summaries: &DeviceSummaries,
+    layer: usize,
+    attn: &DecodeAttention<'_>,
+    context_lens: &[usize],
+    budget_pages: &[usize],
+    cache: &DeviceOutputCache,
+    meta: Vec<u32>,
+) -> Result<(Tensor, Tensor)> {
+    let rows = rows_per_sequence(attn, context_lens.len())?;
+    let dev = attn.query.device();
+    let plan = summaries.plan(context_lens, budget_pages, rows, dev)?;
+    let mut selection = gpu::select_pages(&plan, attn.query, &summaries.layers[layer], attn.block_tables)?;
+    let seen = cache.seen_for(plan.plan.max_pages)?;
+    let meta = Tensor::from_vec(meta, (context_lens.len(), 2 * rows + 1), dev)?;
+    gpu::retro_row_masks(&plan, &mut selection, &seen, &meta, &cache.counters)?;
+    let (out, lse) = gpu::selected_decode(
+        &plan, attn.query, attn.key_cache, attn.value_cache, attn.block_tables, &selection, attn.softmax_scale, attn.softcap,
+    )?;
+    let (rows_total, heads, _) = out.dims3()?;
+    Ok((out, lse.reshape((rows_total, heads))?))
+}
+
+/// Retro's output cache on the device: f32 `o [rows, heads, head_dim]` and `lse [rows, heads]` for
+/// every row slot of the pool (`OutputCacheBlock::device_row`), each row's seen-page bitsets, and
+/// per block the counts the host needs for exposure; the host keeps the rest of the bookkeeping
+/// (positions, which rows are cached). A step then needs no read-back.
 pub struct DeviceOutputCache {
     o: Tensor,
     lse: Tensor,
+    kv_heads: usize,
+    /// u32 `[rows, kv_heads, words]`, widened as contexts grow (`seen_for`).
+    seen: Mutex<Tensor>,
+    /// i64 `[blocks, 2]`: supplement pages read and pages seen by rows whose window closed.
+    counters: Tensor,
 }
 
 impl DeviceOutputCache {
-    pub fn new(rows: usize, heads: usize, head_dim: usize, device: &candle_core::Device) -> Result<Self> {
+    pub fn new(rows: usize, heads: usize, head_dim: usize, kv_heads: usize, blocks: usize, device: &candle_core::Device) -> Result<Self> {
         Ok(Self {
             o: Tensor::zeros((rows, heads, head_dim), DType::F32, device)?,
             lse: Tensor::full(f32::NEG_INFINITY, (rows, heads), device)?,
+            kv_heads,
+            seen: Mutex::new(Tensor::zeros((rows, kv_heads, 1), DType::U32, device)?),
+            counters: Tensor::zeros((blocks.max(1), 2), DType::I64, device)?,
         })
     }
 
@@ -212,8 +252,60 @@ impl DeviceOutputCache {
         self.o.dim(0)
     }
 
-    pub fn fits(&self, rows: usize, heads: usize, head_dim: usize) -> bool {
-        self.o.dims() == [rows, heads, head_dim]
+    pub fn kv_heads(&self) -> usize {
+        self.kv_heads
+    }
+
+    pub fn fits(&self, rows: usize, heads: usize, head_dim: usize, kv_heads: usize, blocks: usize) -> bool {
+        self.o.dims() == [rows, heads, head_dim] && self.kv_heads == kv_heads && self.counters.dims()[0] == blocks.max(1)
+    }
+
+    /// The bitsets, at least `pages` bits wide (doubling, bits kept).
+    pub fn seen_for(&self, pages: usize) -> Result<Tensor> {
+        let mut seen = self.seen.lock().expect("seen lock poisoned");
+        let (rows, kv_heads, words) = seen.dims3()?;
+        let want = pages.div_ceil(32).max(1);
+        if want > words {
+            let wider = want.max(2 * words);
+            let extra = Tensor::zeros((rows, kv_heads, wider - words), DType::U32, seen.device())?;
+            *seen = Tensor::cat(&[&*seen, &extra], 2)?;
+        }
+        Ok(seen.clone())
+    }
+
+    /// Copy pool rows' bitsets to the host: `kv_heads × words` u32 per row, and `words`.
+    pub fn seen_rows(&self, pool_rows: &[u32]) -> Result<(Vec<Vec<u32>>, usize)> {
+        let seen = self.seen.lock().expect("seen lock poisoned").clone();
+        let words = seen.dim(2)?;
+        if pool_rows.is_empty() {
+            return Ok((Vec::new(), words));
+        }
+        let index = Tensor::new(pool_rows, seen.device())?;
+        let bits = seen.index_select(&index, 0)?.flatten_from(1)?.to_vec2::<u32>()?;
+        Ok((bits, words))
+    }
+
+    /// Overwrite pool rows' bitsets (`kv_heads × words` u32 each, `words` as [`Self::seen_rows`]
+    /// gave or wider than the device's, which then grows).
+    pub fn set_seen_rows(&self, rows: &[(u32, Vec<u32>)], words: usize) -> Result<()> {
+        let seen = self.seen_for(words * 32)?;
+        let device_words = seen.dim(2)?;
+        for (row, bits) in rows {
+            let mut padded = vec![0u32; self.kv_heads * device_words];
+            for h in 0..self.kv_heads {
+                padded[h * device_words..h * device_words + words].copy_from_slice(&bits[h * words..(h + 1) * words]);
+            }
+            let src = Tensor::from_vec(padded, (1, self.kv_heads, device_words), seen.device())?;
+            seen.slice_set(&src, 0, *row as usize)?;
+        }
+        Ok(())
+    }
+
+    /// A block's counters (supplement pages, pages seen by closed rows), which then start over.
+    pub fn take_counters(&self, block: usize) -> Result<(u64, u64)> {
+        let row = self.counters.narrow(0, block, 1)?.flatten_all()?.to_vec1::<i64>()?;
+        self.counters.slice_set(&Tensor::zeros((1, 2), DType::I64, self.counters.device())?, 0, block)?;
+        Ok((row[0] as u64, row[1] as u64))
     }
 
     /// One step of a sparse layer, on the stream, in this order: cached rows absorb their partial
@@ -223,20 +315,36 @@ impl DeviceOutputCache {
     /// entering the window replace their slots (`replace[cache row]` = partial row, -1 none).
     pub fn step(&self, out: &Tensor, lse: &Tensor, merge: &[i64], gather: &[u32], replace: &[i64]) -> Result<Tensor> {
         let dev = out.device();
-        let encode = |rows: &[i64], replace: bool| -> Vec<i64> {
-            rows.iter().map(|&r| if r < 0 { -1 } else if replace { -2 - r } else { r }).collect()
+        let partial_rows = out.dim(0)?;
+        // The kernel's i32 rows as u32 bit patterns, checked here: an i64 tensor would make
+        // `merge_rows` read it back to check it, a device sync per call.
+        let encode = |rows: &[i64], replace: bool| -> Result<Tensor> {
+            if let Some(bad) = rows.iter().find(|&&r| r >= partial_rows as i64) {
+                bail!("retro: output-cache source row {bad} out of range ({partial_rows} partial rows)");
+            }
+            let coded: Vec<u32> = rows.iter().map(|&r| if r < 0 { u32::MAX } else if replace { (-2 - r) as i32 as u32 } else { r as u32 }).collect();
+            Tensor::new(coded.as_slice(), dev)
         };
         if merge.iter().any(|&r| r >= 0) {
-            gpu::merge_rows(&self.o, &self.lse, out, lse, &Tensor::new(encode(merge, false).as_slice(), dev)?)?;
+            gpu::merge_rows(&self.o, &self.lse, out, lse, &encode(merge, false)?)?;
         }
-        let stepped = if gather.iter().enumerate().any(|(i, &g)| g as usize != i) {
-            let index = Tensor::new(gather, dev)?;
-            Tensor::cat(&[&out.to_dtype(DType::F32)?, &self.o], 0)?.index_select(&index, 0)?.to_dtype(out.dtype())?
-        } else {
+        // Corrected rows take their merged cache row; only those rows are copied out of the cache.
+        let from_cache: Vec<u32> = gather.iter().filter(|&&g| g as usize >= partial_rows).map(|&g| g - partial_rows as u32).collect();
+        let stepped = if from_cache.is_empty() {
             out.clone()
+        } else {
+            let mut next = partial_rows as u32;
+            let index: Vec<u32> = gather
+                .iter()
+                .map(|&g| if g as usize >= partial_rows { next += 1; next - 1 } else { g })
+                .collect();
+            let cached = self.o.index_select(&Tensor::new(from_cache.as_slice(), dev)?, 0)?;
+            Tensor::cat(&[&out.to_dtype(DType::F32)?, &cached], 0)?
+                .index_select(&Tensor::new(index.as_slice(), dev)?, 0)?
+                .to_dtype(out.dtype())?
         };
         if replace.iter().any(|&r| r >= 0) {
-            gpu::merge_rows(&self.o, &self.lse, out, lse, &Tensor::new(encode(replace, true).as_slice(), dev)?)?;
+            gpu::merge_rows(&self.o, &self.lse, out, lse, &encode(replace, true)?)?;
         }
         Ok(stepped)
     }

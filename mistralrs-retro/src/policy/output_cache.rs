@@ -76,6 +76,36 @@ impl RowEntry {
     pub fn seen_pages(&self) -> u64 {
         self.seen.iter().map(|w| u64::from(w.count_ones())).sum()
     }
+
+    /// The seen bitsets as `kv_heads × words` 32-bit words (the device layout; `words * 32` must
+    /// cover every page marked).
+    pub fn seen_words32(&self, kv_heads: usize, words: usize) -> Vec<u32> {
+        let mut out = vec![0u32; kv_heads * words];
+        for h in 0..kv_heads.min(self.seen.len() / self.words.max(1)) {
+            for (w, &bits) in self.seen[h * self.words..(h + 1) * self.words].iter().enumerate() {
+                for (half, value) in [(2 * w, bits as u32), (2 * w + 1, (bits >> 32) as u32)] {
+                    if half < words {
+                        out[h * words + half] = value;
+                    } else {
+                        debug_assert_eq!(value, 0, "a marked page past the device bitset");
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Replace the seen bitsets with `kv_heads × words` 32-bit words (from the device).
+    pub fn set_seen_words32(&mut self, kv_heads: usize, words: usize, bits: &[u32]) {
+        self.words = words.div_ceil(2).max(1);
+        self.seen.clear();
+        self.seen.resize(kv_heads * self.words, 0);
+        for h in 0..kv_heads {
+            for (w, &value) in bits[h * words..(h + 1) * words].iter().enumerate() {
+                self.seen[h * self.words + w / 2] |= u64::from(value) << (32 * (w % 2));
+            }
+        }
+    }
 }
 
 /// One sequence's output cache: `layers × (w−1)` row slots; a row at position `p` lives in slot
@@ -91,6 +121,28 @@ pub struct OutputCacheBlock {
 impl OutputCacheBlock {
     fn new(id: usize, layers: usize, slots: usize) -> Self {
         Self { id, slots, rows: vec![RowEntry::default(); layers * slots] }
+    }
+
+    /// Which of the pool's blocks this is (0..capacity).
+    pub fn id(&self) -> usize {
+        self.id
+    }
+
+    /// Row slots in the block (layers × (w − 1)); slot `i` is pool row `id * len + i`.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    pub fn at(&self, slot: usize) -> &RowEntry {
+        &self.rows[slot]
+    }
+
+    pub fn at_mut(&mut self, slot: usize) -> &mut RowEntry {
+        &mut self.rows[slot]
     }
 
     /// Where the row at `pos` in `layer` lives in a cache of `capacity × layers × slots` rows (the
@@ -157,12 +209,22 @@ pub struct SequenceNumbers {
 }
 
 impl SequenceNumbers {
-    /// Record a row whose window closed.
+    /// Record a row whose window closed. A slot without a row (never used, or emptied when its
+    /// block was returned to the pool or its sequence trimmed) holds nothing to count.
     pub fn close_row(&mut self, row: &RowEntry) {
-        if !row.seen_all && row.own_pages > 0 {
+        if self.close_row_own(row) {
             self.exposure_seen += row.seen_pages();
+        }
+    }
+
+    /// [`Self::close_row`] for the pages the row selected itself only, when the pages it has seen
+    /// are counted elsewhere (on the device); returns whether the row counts.
+    pub fn close_row_own(&mut self, row: &RowEntry) -> bool {
+        let counts = row.pos.is_some() && !row.seen_all && row.own_pages > 0;
+        if counts {
             self.exposure_own += row.own_pages;
         }
+        counts
     }
 
     pub fn exposure(&self) -> Option<f64> {
@@ -318,5 +380,44 @@ mod tests {
         assert_eq!(row.seen_pages(), 2);
         block.forget_from(10);
         assert!(block.row(1, 10).is_none());
+    }
+
+    #[test]
+    fn seen_bitsets_round_trip_through_the_device_layout() {
+        let mut row = RowEntry::default();
+        row.reset(5, 2, 70, &[], &[]);
+        for (h, page) in [(0, 0), (0, 31), (0, 32), (0, 63), (0, 64), (1, 69), (1, 33)] {
+            row.mark_seen(h, page);
+        }
+        let words = 70usize.div_ceil(32);
+        let bits = row.seen_words32(2, words);
+        assert_eq!(bits[0], 1 | 1 << 31);
+        assert_eq!(bits[1], 1 | 1 << 31, "pages 32 and 63");
+        assert_eq!(bits[2], 1, "page 64");
+        assert_eq!(bits[words + 1], 1 << 1, "head 1, page 33");
+        assert_eq!(bits[words + 2], 1 << 5, "head 1, page 69");
+        let mut back = RowEntry::default();
+        back.reset(5, 2, 1, &[], &[]);
+        back.set_seen_words32(2, words, &bits);
+        for h in 0..2 {
+            for page in 0..96 {
+                assert_eq!(back.has_seen(h, page), row.has_seen(h, page), "head {h} page {page}");
+            }
+        }
+        assert_eq!(back.seen_pages(), 7);
+    }
+
+    #[test]
+    fn an_emptied_slot_is_not_counted_when_its_block_is_reused() {
+        let mut numbers = SequenceNumbers::default();
+        let mut row = RowEntry::default();
+        row.reset(9, 1, 4, &[], &[]);
+        row.mark_seen(0, 1);
+        row.own_pages = 1;
+        numbers.close_row(&row);
+        assert_eq!((numbers.exposure_seen, numbers.exposure_own), (1, 1));
+        row.pos = None; // what `OutputCacheBlock::clear` leaves behind
+        numbers.close_row(&row);
+        assert_eq!((numbers.exposure_seen, numbers.exposure_own), (1, 1), "counted twice");
     }
 }

@@ -122,7 +122,7 @@ impl QuestPolicy {
     }
 
     /// Pages each sequence of the batch may read.
-    fn budget_pages(&self, seq_ids: &[usize], context_lens: &[usize], block_size: usize) -> Vec<usize> {
+    pub(super) fn budget_pages(&self, seq_ids: &[usize], context_lens: &[usize], block_size: usize) -> Vec<usize> {
         let own = self.sequence_budgets.read().expect("lock poisoned");
         context_lens
             .iter()

@@ -81,11 +81,14 @@ impl RetroPolicy {
         }
         let (_, heads, head_dim) = attn.query.dims3()?;
         let rows = self.pool.capacity() * layers * self.pool.slots();
+        let (kv_heads, blocks) = (self.quest.summaries()?.kv_heads(), self.pool.capacity());
         let mut cache = self.device_cache.lock().expect("lock poisoned");
         match &*cache {
-            Some(c) if c.fits(rows, heads, head_dim) => Ok(Some(c.clone())),
+            Some(c) if c.fits(rows, heads, head_dim, kv_heads, blocks) => Ok(Some(c.clone())),
             _ => {
-                let made = std::sync::Arc::new(super::device::DeviceOutputCache::new(rows, heads, head_dim, attn.query.device())?);
+                let made = std::sync::Arc::new(super::device::DeviceOutputCache::new(
+                    rows, heads, head_dim, kv_heads, blocks, attn.query.device(),
+                )?);
                 *cache = Some(made.clone());
                 Ok(Some(made))
             }
@@ -121,6 +124,7 @@ impl RetroPolicy {
         let mut inner = self.pool.lock();
         if batch.is_prompt {
             for (&seq_id, &len) in batch.seq_ids.iter().zip(batch.seq_context_lens) {
+                self.settle_numbers(&mut inner, seq_id);
                 if let Some(old) = self.pool.release(&mut inner, seq_id) {
                     debug!("kv-policy=retro: sequence {seq_id} prefilled again; its output cache starts over ({:?})", old.numbers);
                 }
@@ -166,10 +170,21 @@ impl RetroPolicy {
 
     /// One sparse layer's attention for a window of `rows` rows per sequence.
     fn decode_window(&self, batch: &BatchInfo<'_>, attn: &DecodeAttention<'_>, layer: usize, rows: usize) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(out) = self.decode_window_on_device(batch, attn, layer, rows)? {
+            return Ok(out);
+        }
         let StepPlan { block_size, kv_heads, tables, selection: plan } = self.quest.plan(batch, attn, layer)?;
         let batch_len = tables.context_lens.len();
 
         let mut inner = self.pool.lock();
+        // On CUDA the rows' seen pages live on the device: bring the window's cached rows here.
+        #[cfg(feature = "cuda")]
+        let device_seen = self.device_seen_cache(attn)?;
+        #[cfg(feature = "cuda")]
+        if let Some(cache) = &device_seen {
+            sync_window_seen(cache, &mut inner, batch.seq_ids, &tables.context_lens, layer, rows, (block_size, kv_heads), false)?;
+        }
         let past = rows - 1;
         let newest = 1u32 << past;
         let mut kinds = vec![PastRow::Skip; batch_len * past];
@@ -267,7 +282,7 @@ impl RetroPolicy {
                         mark_selected(row, &plan, seq, kv_heads, pos, block_size);
                     }
                     kind @ (PastRow::Dense | PastRow::Fresh) => {
-                        let slot = values.enter(at, block, &mut state.numbers, layer, pos, kv_heads, pages);
+                        let slot = values.enter(at, block, Some(&mut state.numbers), layer, pos, kv_heads, pages);
                         if kind == PastRow::Dense {
                             slot.seen_all = true;
                         } else {
@@ -277,8 +292,127 @@ impl RetroPolicy {
                 }
             }
         }
+        #[cfg(feature = "cuda")]
+        if let Some(cache) = &device_seen {
+            sync_window_seen(cache, &mut inner, batch.seq_ids, &tables.context_lens, layer, rows, (block_size, kv_heads), true)?;
+        }
         drop(inner);
         values.finish(attn)
+    }
+
+    /// The device output cache when the rows' seen bitsets are kept there (CUDA, values on the
+    /// device), else `None`.
+    #[cfg(feature = "cuda")]
+    fn device_seen_cache(&self, attn: &DecodeAttention<'_>) -> Result<Option<std::sync::Arc<super::device::DeviceOutputCache>>> {
+        match self.quest.summaries()? {
+            super::quest::Summaries::Device(d) => self.device_output_cache(attn, d.num_layers()),
+            _ => Ok(None),
+        }
+    }
+
+    /// [`Self::decode_window`] with nothing read back (CUDA): the selection, the row masks (from the
+    /// rows' seen bitsets on the device) and the decode stay on the device; the host does the
+    /// bookkeeping that depends on positions only. `None` (the host path runs) when some row of the
+    /// window has no cached entry (a prompt row or a row after a trim: their lists differ), or
+    /// under `RETRO_HOST_MASKS=1`.
+    #[cfg(feature = "cuda")]
+    fn decode_window_on_device(&self, batch: &BatchInfo<'_>, attn: &DecodeAttention<'_>, layer: usize, rows: usize) -> Result<Option<Tensor>> {
+        static HOST_MASKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if *HOST_MASKS.get_or_init(|| std::env::var("RETRO_HOST_MASKS").is_ok_and(|v| v == "1")) {
+            return Ok(None);
+        }
+        let super::quest::Summaries::Device(d) = self.quest.summaries()? else { return Ok(None) };
+        let Some(cache) = self.device_output_cache(attn, d.num_layers())? else { return Ok(None) };
+        let (block_size, kv_heads) = (d.block_size, d.kv_heads);
+        let context_lens = batch.seq_context_lens.to_vec();
+        let batch_len = context_lens.len();
+        let (past, width) = (rows - 1, 2 * rows + 1);
+        let mut inner = self.pool.lock();
+        // Per sequence: past rows' states, every row's pool row, the counter slot, whether the row
+        // leaving the window counts toward exposure (retro_row_masks in kernels/cuda/plan.cu).
+        let mut meta = vec![0u32; batch_len * width];
+        for (seq, &ctx) in context_lens.iter().enumerate() {
+            let m = &mut meta[seq * width..(seq + 1) * width];
+            m[past..].fill(u32::MAX);
+            m[2 * rows] = 0;
+            let Some(block) = inner.sequences.get_mut(&batch.seq_ids[seq]).and_then(|s| s.block.as_mut()) else { continue };
+            let first_pos = ctx - rows;
+            for j in 0..past {
+                let Some(row) = block.row(layer, first_pos + j) else { return Ok(None) };
+                m[j] = u32::from(!row.seen_all);
+                m[past + j] = block.device_row(layer, first_pos + j) as u32;
+            }
+            m[2 * rows - 2] = block.device_row(layer, ctx - 1) as u32;
+            m[2 * rows - 1] = block.id() as u32;
+        }
+        let budget_pages = self.quest.budget_pages(batch.seq_ids, &context_lens, block_size);
+        // Every listed page of the newest row is within its prefix: it marks the whole list.
+        let reads: Vec<u64> = context_lens
+            .iter()
+            .zip(&budget_pages)
+            .map(|(&c, &b)| (super::plan::selected_len(c, b, block_size) * kv_heads) as u64)
+            .collect();
+        for (seq, &ctx) in context_lens.iter().enumerate() {
+            let Some(state) = inner.sequences.get_mut(&batch.seq_ids[seq]) else { continue };
+            state.numbers.pages_loaded += reads[seq];
+            let Some(block) = state.block.as_mut() else { continue };
+            // The leaving row's own pages are counted here, the pages it saw by the kernel.
+            meta[seq * width + 2 * rows] = u32::from(state.numbers.close_row_own(block.slot(layer, ctx - 1)));
+        }
+        self.quest.count_sequence_reads(batch.seq_ids, |seq| reads[seq]);
+        let tables = StepTables { context_lens, block_tables: Vec::new() };
+        self.quest.record_pages(layer, reads.iter().sum(), &tables, block_size, kv_heads);
+
+        let (out, lse) = super::device::retro_decode_on_device(&d, layer, attn, &tables.context_lens, &budget_pages, &cache, meta)?;
+        let mut values = RowValues::device(cache, out, lse)?;
+        for (seq, &ctx) in tables.context_lens.iter().enumerate() {
+            let pages = ctx.div_ceil(block_size);
+            let Some(state) = inner.sequences.get_mut(&batch.seq_ids[seq]) else { continue };
+            let Some(block) = state.block.as_mut() else { continue };
+            for j in 0..past {
+                let (pos, at) = (ctx - rows + j, seq * rows + j);
+                let pool_row = block.device_row(layer, pos);
+                let row = block.row(layer, pos).expect("checked above");
+                values.merge(at, row, pool_row);
+            }
+            let (pos, at) = (ctx - 1, seq * rows + past);
+            let slot = values.enter(at, block, None, layer, pos, kv_heads, pages);
+            slot.own_pages = reads[seq];
+        }
+        drop(inner);
+        values.finish(attn).map(Some)
+    }
+
+    /// Before a sequence's state goes: on CUDA, what its rows saw is on the device; bring the open
+    /// rows' bitsets and the block's counters to the host so its numbers are complete.
+    fn settle_numbers(&self, inner: &mut super::output_cache::PoolInner, seq_id: usize) {
+        #[cfg(feature = "cuda")]
+        {
+            let cache = self.device_cache.lock().expect("lock poisoned").clone();
+            let Some(cache) = cache else { return };
+            let Some(state) = inner.sequences.get_mut(&seq_id) else { return };
+            let Some(block) = state.block.as_mut() else { return };
+            let kv_heads = cache.kv_heads();
+            let settled = (|| -> Result<()> {
+                let open: Vec<(usize, u32)> = (0..block.len())
+                    .filter(|&i| block.at(i).pos.is_some() && !block.at(i).seen_all)
+                    .map(|i| (i, (block.id() * block.len() + i) as u32))
+                    .collect();
+                let (bits, words) = cache.seen_rows(&open.iter().map(|&(_, r)| r).collect::<Vec<_>>())?;
+                for ((i, _), bits) in open.iter().zip(&bits) {
+                    block.at_mut(*i).set_seen_words32(kv_heads, words, bits);
+                }
+                let (supplements, seen) = cache.take_counters(block.id())?;
+                state.numbers.supplement_pages += supplements;
+                state.numbers.exposure_seen += seen;
+                Ok(())
+            })();
+            if let Err(e) = settled {
+                warn!("kv-policy=retro: sequence {seq_id}: could not read its exposure counts from the device: {e}");
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = (inner, seq_id);
     }
 
     /// This step's partial results, where the output cache's values live: the device cache (CUDA,
@@ -328,7 +462,7 @@ impl RetroPolicy {
             let Some(block) = state.block.as_mut() else { continue };
             for j in rows - stay..rows {
                 let (pos, at) = (ctx - rows + j, seq * rows + j);
-                values.enter(at, block, &mut state.numbers, layer, pos, kv_heads, ctx.div_ceil(block_size)).seen_all = true;
+                values.enter(at, block, Some(&mut state.numbers), layer, pos, kv_heads, ctx.div_ceil(block_size)).seen_all = true;
             }
         }
         drop(inner);
@@ -413,7 +547,7 @@ impl RowValues {
         &mut self,
         at: usize,
         block: &'b mut super::output_cache::OutputCacheBlock,
-        numbers: &mut super::output_cache::SequenceNumbers,
+        numbers: Option<&mut super::output_cache::SequenceNumbers>,
         layer: usize,
         pos: usize,
         kv_heads: usize,
@@ -421,7 +555,10 @@ impl RowValues {
     ) -> &'b mut super::output_cache::RowEntry {
         let pool_row = block.device_row(layer, pos);
         let slot = block.slot(layer, pos);
-        numbers.close_row(slot);
+        // `None`: the caller has counted the leaving row already.
+        if let Some(numbers) = numbers {
+            numbers.close_row(slot);
+        }
         match self {
             Self::Host { out, lse, shape: (_, heads, head_dim) } => {
                 let row_len = *heads * *head_dim;
@@ -585,6 +722,7 @@ impl KvPolicy for RetroPolicy {
     fn sequence_freed(&self, seq_id: usize) {
         super::note_freed(seq_id);
         let mut inner = self.pool.lock();
+        self.settle_numbers(&mut inner, seq_id);
         if let Some(state) = self.pool.release(&mut inner, seq_id) {
             let n = state.numbers;
             if let Some(kept) = self.finished.lock().expect("lock poisoned").as_mut() {
@@ -606,6 +744,56 @@ impl KvPolicy for RetroPolicy {
                 block.forget_from(num_tokens);
             }
         }
+    }
+}
+
+/// The host path's side of the device bitsets (CUDA): before the host builds a step's masks
+/// (`upload == false`), copy the window's cached rows' bitsets from the device into their entries;
+/// after it (`upload == true`), copy every row of the window back, so whichever path runs next sees
+/// the same sets. Rows that have seen everything carry no bits.
+#[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
+fn sync_window_seen(
+    cache: &super::device::DeviceOutputCache,
+    inner: &mut super::output_cache::PoolInner,
+    seq_ids: &[usize],
+    context_lens: &[usize],
+    layer: usize,
+    rows: usize,
+    (block_size, kv_heads): (usize, usize),
+    upload: bool,
+) -> Result<()> {
+    // Before the step only the past rows hold entries worth reading; after it every row does.
+    let window = if upload { rows } else { rows - 1 };
+    let mut at = Vec::new();
+    for (seq, (&seq_id, &ctx)) in seq_ids.iter().zip(context_lens).enumerate() {
+        let Some(block) = inner.sequences.get_mut(&seq_id).and_then(|s| s.block.as_mut()) else { continue };
+        for pos in ctx - rows..ctx - rows + window {
+            if block.row(layer, pos).is_some_and(|r| !r.seen_all) {
+                at.push((seq, pos, block.device_row(layer, pos) as u32));
+            }
+        }
+    }
+    if at.is_empty() {
+        return Ok(());
+    }
+    fn block_of<'a>(inner: &'a mut super::output_cache::PoolInner, seq_id: usize) -> &'a mut super::output_cache::OutputCacheBlock {
+        inner.sequences.get_mut(&seq_id).and_then(|s| s.block.as_mut()).expect("listed above")
+    }
+    if upload {
+        let words = context_lens.iter().map(|c| c.div_ceil(block_size).div_ceil(64) * 2).max().unwrap_or(2).max(2);
+        let mut rows_bits = Vec::with_capacity(at.len());
+        for &(seq, pos, pool_row) in &at {
+            let row = block_of(inner, seq_ids[seq]).row(layer, pos).expect("listed above");
+            rows_bits.push((pool_row, row.seen_words32(kv_heads, words)));
+        }
+        cache.set_seen_rows(&rows_bits, words)
+    } else {
+        let (bits, words) = cache.seen_rows(&at.iter().map(|a| a.2).collect::<Vec<_>>())?;
+        for (&(seq, pos, _), bits) in at.iter().zip(&bits) {
+            block_of(inner, seq_ids[seq]).row(layer, pos).expect("listed above").set_seen_words32(kv_heads, words, bits);
+        }
+        Ok(())
     }
 }
 
