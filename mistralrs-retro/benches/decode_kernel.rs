@@ -6,7 +6,8 @@
 //! older over the selection plus as many other pages), and prints ms/step, the bytes the step's
 //! attention reads and the bandwidth that implies against a copy loop measured in the same run.
 //!
-//! `cargo bench -p mistralrs-retro --bench decode_kernel` (CONTEXTS=512,2048,8192 to choose).
+//! `cargo bench -p mistralrs-retro --bench decode_kernel` (CONTEXTS=512,2048,8192 to choose;
+//! HUGEPAGES=1 backs the caches with transparent huge pages first, an experiment: docs/cpu.md).
 
 use std::time::Instant;
 
@@ -55,6 +56,15 @@ fn main() {
         let caches: Vec<(Tensor, Tensor)> = (0..LAYERS)
             .map(|_| (rng.tensor(&[blocks, KV_HEADS, HEAD_DIM / 4, BLOCK, 4], 1.0, DType::F32), rng.tensor(&[blocks, KV_HEADS, HEAD_DIM, BLOCK], 1.0, DType::F32)))
             .collect();
+        if std::env::var("HUGEPAGES").is_ok_and(|v| v == "1") {
+            for (k, v) in &caches {
+                for t in [k, v] {
+                    huge_pages(t);
+                }
+            }
+            let anon = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();
+            eprintln!("{}", anon.lines().filter(|l| l.starts_with("AnonHugePages")).collect::<Vec<_>>().join(" "));
+        }
         // Blocks in a shuffled order, as a long-running cache hands them out.
         let mut table: Vec<u32> = (0..blocks as u32).collect();
         rng.shuffle(&mut table);
@@ -99,6 +109,29 @@ fn main() {
             }
             let bytes = bytes_per_layer * LAYERS as f64;
             println!("| {ctx} | {name} | {:.2} | {:.1} | {:.1} | {:.0}% |", best * 1e3, bytes / 1e6, bytes / best / 1e9, 100.0 * bytes / best / copy);
+        }
+    }
+}
+
+/// Experiment: back a CPU tensor's buffer with transparent huge pages (MADV_HUGEPAGE, then
+/// MADV_COLLAPSE for the pages already touched).
+fn huge_pages(t: &Tensor) {
+    extern "C" {
+        fn madvise(addr: *mut std::ffi::c_void, len: usize, advice: i32) -> i32;
+    }
+    let (storage, _) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else { return };
+    let data = cpu.as_slice::<f32>().unwrap();
+    const HUGE: usize = 2 << 20;
+    let start = (data.as_ptr() as usize).next_multiple_of(HUGE);
+    let end = (data.as_ptr() as usize + data.len() * 4) / HUGE * HUGE;
+    if end > start {
+        unsafe {
+            madvise(start as *mut _, end - start, 14); // MADV_HUGEPAGE
+            let rc = madvise(start as *mut _, end - start, 25); // MADV_COLLAPSE
+            if rc != 0 {
+                eprintln!("MADV_COLLAPSE failed: {}", std::io::Error::last_os_error());
+            }
         }
     }
 }
