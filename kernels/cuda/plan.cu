@@ -215,7 +215,9 @@ extern "C" __global__ void select_top_pages_u32(const float* scores, int max_pag
 // layer, slot)); meta i32 [batch, 2 * rows + 1] per sequence: rows - 1 states of the past rows
 // (1 = a cached row that gets supplements, 0 = skip), the pool row of each row (past rows, then the
 // newest; -1 = none), the sequence's counter slot (-1 = none), and whether the row leaving the window
-// counts toward exposure. counters u64 [slots, 2]: supplement pages, pages seen by closed rows.
+// counts toward exposure; pool rows are relative to row_offset (the layer's place in the pool), so
+// one table serves every layer of a step. counters u64 [slots, 2]: supplement pages, pages seen by
+// closed rows.
 // After the masks, the newest row takes its pool row (the slot of the row leaving the window):
 // cleared, then marked with this selection.
 extern "C" __global__ void retro_row_masks(const uint32_t* __restrict__ sel_pages,
@@ -225,7 +227,8 @@ extern "C" __global__ void retro_row_masks(const uint32_t* __restrict__ sel_page
                                            const int32_t* __restrict__ meta,
                                            const uint32_t* __restrict__ context_lens,
                                            int block_size, int rows, int kv_heads,
-                                           unsigned long long* __restrict__ counters) {
+                                           unsigned long long* __restrict__ counters,
+                                           int row_offset) {
   const int h = blockIdx.x, seq = blockIdx.y;
   const int list = seq * kv_heads + h;
   const int count = sel_counts[list];
@@ -243,7 +246,7 @@ extern "C" __global__ void retro_row_masks(const uint32_t* __restrict__ sel_page
     for (int r = 0; r < rows - 1; ++r) {
       // A page that starts after the row holds nothing it may attend to.
       if (m[r] != 1 || pool_row[r] < 0 || (int64_t)page * block_size > first_pos + r) continue;
-      uint32_t* bits = seen + ((int64_t)pool_row[r] * kv_heads + h) * words;
+      uint32_t* bits = seen + ((int64_t)(pool_row[r] + row_offset) * kv_heads + h) * words;
       const uint32_t bit = 1u << (page % 32);
       // Pages within a list are distinct, so no other thread touches this bit.
       if (!(bits[page / 32] & bit)) {
@@ -261,7 +264,7 @@ extern "C" __global__ void retro_row_masks(const uint32_t* __restrict__ sel_page
     if (threadIdx.x == 0 && counter >= 0 && block_sum) atomicAdd(&counters[2 * counter], block_sum);
     return;
   }
-  uint32_t* bits = seen + ((int64_t)newest * kv_heads + h) * words;
+  uint32_t* bits = seen + ((int64_t)(newest + row_offset) * kv_heads + h) * words;
   unsigned long long leaving = 0;
   if (count_leaving)
     for (int w = threadIdx.x; w < words; w += blockDim.x) leaving += __popc(bits[w]);

@@ -6,7 +6,7 @@
 // and every query row of the replay window whose mask bit is set, each row limited to its causal
 // prefix (row r of a window of `rows` sees the first context_len - (rows - 1 - r) tokens). An
 // online softmax per (row, head) gives a partial (O, lse) per split; combine_splits merges the
-// splits exactly by log-sum-exp, and merge_rows folds a partial result into retro's output cache.
+// splits exactly by log-sum-exp, and merge_step folds partial results into retro's output cache.
 // Semantics are those of cpu::paged_decode_selected (the reference for the GPU tests).
 #include "common.cuh"
 
@@ -228,40 +228,48 @@ __device__ void combine_splits(const float* __restrict__ part_o, const float* __
   }
 RETRO_FOR_EACH_DTYPE(RETRO_COMBINE)
 
-// Retro's output-cache merge: cached row (o, lse) ⊕ a partial result over disjoint tokens, exact
-// by log-sum-exp (cpu::merge_partial). grid: (cached rows, heads); block: head_dim.
-// source_row[i] is the partial-result row merged into cached row i, or -1 for none.
+// Retro's output-cache step for one layer: grid (entries, heads); block: head_dim. entries i32
+// [k, 3]: a cached row (plus row_offset, the layer's place in the pool), the partial-result row
+// merged into it (-1 none) and the partial row that then takes its place (-1 none: a row entering
+// the window takes the slot of the row leaving it). A merge is exact by log-sum-exp
+// (cpu::merge_partial) over disjoint tokens, and its result is also written back over the partial
+// row: that row of the layer's output is the corrected one. A partial row is named by one entry at
+// most as a merge and is never both merged and a replacement, so blocks never race.
 template <typename T>
-__device__ void merge_rows(float* __restrict__ cache_o, float* __restrict__ cache_lse,
-                           const T* __restrict__ part_o, const float* __restrict__ part_lse,
-                           const int32_t* __restrict__ source_row, int heads, int head_dim) {
-  const int row = blockIdx.x, head = blockIdx.y, d = threadIdx.x;
-  const int src = source_row[row];
-  if (src == -1) return;
-  if (src < -1) {
-    // -2 - r: the cached row becomes partial row r (a row entering the window).
-    const int64_t a = (int64_t)row * heads + head, b = (int64_t)(-2 - src) * heads + head;
+__device__ void merge_step(float* __restrict__ cache_o, float* __restrict__ cache_lse,
+                           T* __restrict__ part_o, const float* __restrict__ part_lse,
+                           const int32_t* __restrict__ entries, int row_offset, int heads,
+                           int head_dim) {
+  const int head = blockIdx.y, d = threadIdx.x;
+  const int32_t* e = entries + 3 * (int64_t)blockIdx.x;
+  const int64_t a = ((int64_t)e[0] + row_offset) * heads + head;
+  const int merge = e[1], replace = e[2];
+  if (merge >= 0) {
+    const int64_t b = (int64_t)merge * heads + head;
+    const float la = cache_lse[a], lb = part_lse[b];
+    const float m = fmaxf(la, lb);
+    const float wa = la == -INFINITY ? 0.f : __expf(la - m);
+    const float wb = lb == -INFINITY ? 0.f : __expf(lb - m);
+    const float oa = cache_o[a * head_dim + d], ob = to_f32(part_o[b * head_dim + d]);
+    // Nothing attended on either side: the row stays as it is (output 0, lse -inf).
+    const float o = m == -INFINITY ? oa : (wa * oa + wb * ob) / (wa + wb);
+    cache_o[a * head_dim + d] = o;
+    part_o[b * head_dim + d] = from_f32<T>(o);
+    __syncthreads();  // every thread has read cache_lse[a] before it changes
+    if (d == 0 && m != -INFINITY) cache_lse[a] = m + __logf(wa + wb);
+  }
+  if (replace >= 0) {
+    __syncthreads();
+    const int64_t b = (int64_t)replace * heads + head;
     cache_o[a * head_dim + d] = to_f32(part_o[b * head_dim + d]);
     if (d == 0) cache_lse[a] = part_lse[b];
-    return;
   }
-  const int64_t a = (int64_t)row * heads + head, b = (int64_t)src * heads + head;
-  const float la = cache_lse[a], lb = part_lse[b];
-  const float m = fmaxf(la, lb);
-  __syncthreads();
-  if (m == -INFINITY) return;
-  const float wa = la == -INFINITY ? 0.f : __expf(la - m);
-  const float wb = lb == -INFINITY ? 0.f : __expf(lb - m);
-  const float oa = cache_o[a * head_dim + d], ob = to_f32(part_o[b * head_dim + d]);
-  cache_o[a * head_dim + d] = (wa * oa + wb * ob) / (wa + wb);
-  __syncthreads();  // every thread has read cache_lse[a] before it changes
-  if (d == 0) cache_lse[a] = m + __logf(wa + wb);
 }
 
 #define RETRO_MERGE(T, NAME)                                                                     \
-  extern "C" __global__ void merge_rows_##NAME(float* cache_o, float* cache_lse, const T* part_o, \
-                                               const float* part_lse, const int32_t* source_row, \
-                                               int heads, int head_dim) {                         \
-    merge_rows<T>(cache_o, cache_lse, part_o, part_lse, source_row, heads, head_dim);            \
+  extern "C" __global__ void merge_step_##NAME(float* cache_o, float* cache_lse, T* part_o,       \
+                                               const float* part_lse, const int32_t* entries,     \
+                                               int row_offset, int heads, int head_dim) {         \
+    merge_step<T>(cache_o, cache_lse, part_o, part_lse, entries, row_offset, heads, head_dim);   \
   }
 RETRO_FOR_EACH_DTYPE(RETRO_MERGE)

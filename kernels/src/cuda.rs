@@ -310,8 +310,9 @@ pub fn select_pages(plan: &DevicePlan, queries: &Tensor, bounds: &Tensor, block_
 /// each row (past rows, then the newest; -1 = none), its counter slot (-1 = none) and whether the
 /// row leaving the window counts toward exposure (1/0); `counters` i64 `[slots, 2]` accumulate
 /// supplement pages and the pages the leaving rows had seen. The newest row always uses every listed
-/// page; afterwards its pool row (the leaving row's slot) holds exactly this selection.
-pub fn retro_row_masks(plan: &DevicePlan, selection: &mut Selection, seen: &Tensor, meta: &Tensor, counters: &Tensor) -> Result<()> {
+/// page; afterwards its pool row (the leaving row's slot) holds exactly this selection. Pool rows in
+/// `meta` are relative to `row_offset`, so one uploaded table serves every layer of a step.
+pub fn retro_row_masks(plan: &DevicePlan, selection: &mut Selection, seen: &Tensor, meta: &Tensor, counters: &Tensor, row_offset: usize) -> Result<()> {
     let p = &plan.plan;
     let dev = cuda_device(&selection.pages, "selection")?;
     if p.rows < 2 {
@@ -347,10 +348,10 @@ pub fn retro_row_masks(plan: &DevicePlan, selection: &mut Selection, seen: &Tens
         let r_ = view::<u32>(&rs, rl, "meta")?;
         let c_ = view::<u32>(&cs, cl, "context_lens")?;
         let k_ = view::<i64>(&ks, kl, "counters")?;
-        let ints = [p.stride.max(1) as i32, words as i32, p.block_size as i32, p.rows as i32, p.kv_heads as i32];
+        let ints = [p.stride.max(1) as i32, words as i32, p.block_size as i32, p.rows as i32, p.kv_heads as i32, row_offset as i32];
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&func);
-        b.arg(&p_).arg(&n_).arg(&ints[0]).arg(&m_).arg(&e_).arg(&ints[1]).arg(&r_).arg(&c_).arg(&ints[2]).arg(&ints[3]).arg(&ints[4]).arg(&k_);
+        b.arg(&p_).arg(&n_).arg(&ints[0]).arg(&m_).arg(&e_).arg(&ints[1]).arg(&r_).arg(&c_).arg(&ints[2]).arg(&ints[3]).arg(&ints[4]).arg(&k_).arg(&ints[5]);
         unsafe { b.launch(launch1d((p.kv_heads as u32, p.batch as u32, 1), 256, 0)) }.w()?;
     }
     selection.masks = Some(masks);
@@ -511,12 +512,14 @@ fn new_tensor_dtype(dev: &CudaDevice, dtype: DType, dims: &[usize]) -> Result<Te
     }
 }
 
-/// Retro's output-cache merge: cached rows `cache_o` f32 `[n, heads, head_dim]` with `cache_lse`
-/// f32 `[n, heads]` absorb the partial results `part_o [m, heads, head_dim]` / `part_lse`
-/// `[m, heads]` over disjoint tokens, exactly by log-sum-exp; `source_row` i32 `[n]` names the
-/// partial row for each cached row, -1 for none, and `-2 - r` to replace the cached row by partial
-/// row `r` (a row entering the window).
-pub fn merge_rows(cache_o: &Tensor, cache_lse: &Tensor, part_o: &Tensor, part_lse: &Tensor, source_row: &Tensor) -> Result<()> {
+/// Retro's output-cache step for one layer. `entries` (i32 values in a u32 tensor) `[k, 3]`: a cached
+/// row of `cache_o` f32 `[n, heads, head_dim]` / `cache_lse` f32 `[n, heads]` (plus `row_offset`),
+/// the partial row of `part_o [m, heads, head_dim]` / `part_lse [m, heads]` it absorbs (-1: none),
+/// exactly by log-sum-exp over disjoint tokens, and the partial row that then replaces it (-1: none;
+/// a row entering the window). A merged row is also written back over its partial row, so `part_o`
+/// becomes the layer's corrected output. Rows are checked against `n` and `m` on the host side
+/// (the caller's tables), not here: reading them back would stall the stream.
+pub fn merge_step(cache_o: &Tensor, cache_lse: &Tensor, part_o: &Tensor, part_lse: &Tensor, entries: &Tensor, row_offset: usize) -> Result<()> {
     let dev = cuda_device(cache_o, "cache_o")?;
     let (n, heads, head_dim) = cache_o.dims3()?;
     check_dtype(cache_o, DType::F32, "cache_o")?;
@@ -526,39 +529,32 @@ pub fn merge_rows(cache_o: &Tensor, cache_lse: &Tensor, part_o: &Tensor, part_ls
         bail!("retro-kernels: partial output {:?} does not match the cache's heads x head dim", part_o.dims());
     }
     check_dims(part_lse, &[m, heads], "part_lse")?;
-    check_dtype(source_row, DType::I64, "source_row").or_else(|_| check_dtype(source_row, DType::U32, "source_row"))?;
-    check_dims(source_row, &[n], "source_row")?;
-    if n == 0 {
+    check_dtype(entries, DType::U32, "entries")?;
+    let (k, three) = entries.dims2()?;
+    if three != 3 || row_offset > n {
+        bail!("retro-kernels: entries {:?} must be [k, 3] and row offset {row_offset} within {n} rows", entries.dims());
+    }
+    if k == 0 {
         return Ok(());
     }
-    // The kernel takes i32 rows; candle has no i32 dtype, so they travel as u32 bit patterns.
-    let rows = if source_row.dtype() == DType::I64 {
-        let host: Vec<i64> = source_row.to_vec1()?;
-        if let Some(bad) = host.iter().find(|&&r| r >= m as i64 || -2 - r >= m as i64) {
-            bail!("retro-kernels: source_row {bad} out of range ({m} partial rows)");
-        }
-        Tensor::new(host.iter().map(|&r| r as i32 as u32).collect::<Vec<u32>>().as_slice(), cache_o.device())?
-    } else {
-        source_row.clone()
-    };
-    let func = function(&dev, "selected_decode", &format!("merge_rows_{}", suffix(part_o.dtype(), "part_o")?))?;
+    let func = function(&dev, "selected_decode", &format!("merge_step_{}", suffix(part_o.dtype(), "part_o")?))?;
     let (cs, cl) = cache_o.storage_and_layout();
     let (es, el) = cache_lse.storage_and_layout();
     let (ps, pl) = part_o.storage_and_layout();
     let (ls, ll) = part_lse.storage_and_layout();
-    let (rs, rl) = rows.storage_and_layout();
+    let (rs, rl) = entries.storage_and_layout();
     let c_ = view::<f32>(&cs, cl, "cache_o")?;
     let e_ = view::<f32>(&es, el, "cache_lse")?;
     let l_ = view::<f32>(&ls, ll, "part_lse")?;
-    let r_ = view::<u32>(&rs, rl, "source_row")?;
-    let ints = [heads as i32, head_dim as i32];
+    let r_ = view::<u32>(&rs, rl, "entries")?;
+    let ints = [row_offset as i32, heads as i32, head_dim as i32];
     let stream = dev.cuda_stream();
-    let cfg = launch1d((n as u32, heads as u32, 1), head_dim as u32, 0);
+    let cfg = launch1d((k as u32, heads as u32, 1), head_dim as u32, 0);
     let mut b = stream.launch_builder(&func);
     macro_rules! go {
         ($t:ty) => {{
             let p_ = view::<$t>(&ps, pl, "part_o")?;
-            b.arg(&c_).arg(&e_).arg(&p_).arg(&l_).arg(&r_).arg(&ints[0]).arg(&ints[1]);
+            b.arg(&c_).arg(&e_).arg(&p_).arg(&l_).arg(&r_).arg(&ints[0]).arg(&ints[1]).arg(&ints[2]);
             unsafe { b.launch(cfg) }.w()?;
         }};
     }

@@ -269,7 +269,7 @@ fn main() -> Result<()> {
                 let meta = Tensor::from_vec(meta, (batch, 2 * w + 1), &dev)?;
                 let counters = Tensor::zeros((batch, 2), DType::I64, &dev)?;
                 let mut sel = gpu::select_pages(&plan, &rows_query, &bounds, &block_tables)?;
-                let ms = 1e3 * time(&dev, iters, || Ok(gpu::retro_row_masks(&plan, &mut sel, &seen, &meta, &counters)?))?;
+                let ms = 1e3 * time(&dev, iters, || Ok(gpu::retro_row_masks(&plan, &mut sel, &seen, &meta, &counters, 0)?))?;
                 println!("| {ctx} | {batch} | retro row masks only | 2048 | {w} | {ms:.4} | - | - | - | - |");
             }
         }

@@ -197,7 +197,7 @@ pub fn decode_selection_on_device(
 
 /// Retro's window step with the row masks built on the device: select, masks from the device
 /// bitsets (`DeviceOutputCache::seen`), decode, with no read-back. `meta` is `retro_row_masks`'s
-/// per-sequence row table. The plan is the one a host-built selection of the same lists would get
+/// per-sequence row table (uploaded once per step, pool rows relative to `row_offset`). The plan is the one a host-built selection of the same lists would get
 /// (same stride and splits), so the output is the host path's bit for bit.
 #[allow(clippy::too_many_arguments)]
 pub fn retro_decode_on_device(
@@ -207,15 +207,14 @@ pub fn retro_decode_on_device(
     context_lens: &[usize],
     budget_pages: &[usize],
     cache: &DeviceOutputCache,
-    meta: Vec<u32>,
+    (meta, row_offset): (&Tensor, usize),
 ) -> Result<(Tensor, Tensor)> {
     let rows = rows_per_sequence(attn, context_lens.len())?;
     let dev = attn.query.device();
     let plan = summaries.plan(context_lens, budget_pages, rows, dev)?;
     let mut selection = gpu::select_pages(&plan, attn.query, &summaries.layers[layer], attn.block_tables)?;
     let seen = cache.seen_for(plan.plan.max_pages)?;
-    let meta = Tensor::from_vec(meta, (context_lens.len(), 2 * rows + 1), dev)?;
-    gpu::retro_row_masks(&plan, &mut selection, &seen, &meta, &cache.counters)?;
+    gpu::retro_row_masks(&plan, &mut selection, &seen, meta, &cache.counters, row_offset)?;
     let (out, lse) = gpu::selected_decode(
         &plan, attn.query, attn.key_cache, attn.value_cache, attn.block_tables, &selection, attn.softmax_scale, attn.softcap,
     )?;
@@ -308,44 +307,31 @@ impl DeviceOutputCache {
         Ok((row[0] as u64, row[1] as u64))
     }
 
-    /// One step of a sparse layer, on the stream, in this order: cached rows absorb their partial
-    /// results (`merge[cache row]` = partial row, -1 none); the step's output takes row `gather[i]`
-    /// of `[partials; cache]` (a corrected row reads its merged cache row, before the next part can
-    /// overwrite it: the newest row takes the slot of the row leaving the window); then the rows
-    /// entering the window replace their slots (`replace[cache row]` = partial row, -1 none).
-    pub fn step(&self, out: &Tensor, lse: &Tensor, merge: &[i64], gather: &[u32], replace: &[i64]) -> Result<Tensor> {
-        let dev = out.device();
-        let partial_rows = out.dim(0)?;
-        // The kernel's i32 rows as u32 bit patterns, checked here: an i64 tensor would make
-        // `merge_rows` read it back to check it, a device sync per call.
-        let encode = |rows: &[i64], replace: bool| -> Result<Tensor> {
-            if let Some(bad) = rows.iter().find(|&&r| r >= partial_rows as i64) {
-                bail!("retro: output-cache source row {bad} out of range ({partial_rows} partial rows)");
+    /// One sparse layer's step on the stream (`merge_step`): each entry `[cached row, merged partial
+    /// row, replacing partial row]` (rows relative to `row_offset`, -1 none) merges, writing the
+    /// corrected row over its partial row, then lets the row entering the window take the slot.
+    /// Returns `out`, now the layer's output.
+    pub fn step(&self, out: &Tensor, lse: &Tensor, entries: &Tensor, row_offset: usize) -> Result<Tensor> {
+        gpu::merge_step(&self.o, &self.lse, out, lse, entries, row_offset)?;
+        Ok(out.clone())
+    }
+}
+
+/// A host table uploaded once and reused while it does not change (retro's per-step row tables:
+/// every sparse layer of a step builds the same one).
+#[derive(Default)]
+pub struct UploadedTable(Mutex<Option<(Vec<u32>, Tensor)>>);
+
+impl UploadedTable {
+    pub fn get(&self, host: Vec<u32>, shape: (usize, usize), device: &candle_core::Device) -> Result<Tensor> {
+        let mut kept = self.0.lock().expect("table lock poisoned");
+        if let Some((h, t)) = &*kept {
+            if *h == host && t.dims2()? == shape && t.device().same_device(device) {
+                return Ok(t.clone());
             }
-            let coded: Vec<u32> = rows.iter().map(|&r| if r < 0 { u32::MAX } else if replace { (-2 - r) as i32 as u32 } else { r as u32 }).collect();
-            Tensor::new(coded.as_slice(), dev)
-        };
-        if merge.iter().any(|&r| r >= 0) {
-            gpu::merge_rows(&self.o, &self.lse, out, lse, &encode(merge, false)?)?;
         }
-        // Corrected rows take their merged cache row; only those rows are copied out of the cache.
-        let from_cache: Vec<u32> = gather.iter().filter(|&&g| g as usize >= partial_rows).map(|&g| g - partial_rows as u32).collect();
-        let stepped = if from_cache.is_empty() {
-            out.clone()
-        } else {
-            let mut next = partial_rows as u32;
-            let index: Vec<u32> = gather
-                .iter()
-                .map(|&g| if g as usize >= partial_rows { next += 1; next - 1 } else { g })
-                .collect();
-            let cached = self.o.index_select(&Tensor::new(from_cache.as_slice(), dev)?, 0)?;
-            Tensor::cat(&[&out.to_dtype(DType::F32)?, &cached], 0)?
-                .index_select(&Tensor::new(index.as_slice(), dev)?, 0)?
-                .to_dtype(out.dtype())?
-        };
-        if replace.iter().any(|&r| r >= 0) {
-            gpu::merge_rows(&self.o, &self.lse, out, lse, &encode(replace, true)?)?;
-        }
-        Ok(stepped)
+        let t = Tensor::from_vec(host.clone(), shape, device)?;
+        *kept = Some((host, t.clone()));
+        Ok(t)
     }
 }

@@ -42,6 +42,10 @@ pub struct RetroPolicy {
     /// On CUDA: the output cache's values, made at the first sparse window step (see `device.rs`).
     #[cfg(feature = "cuda")]
     device_cache: std::sync::Mutex<Option<std::sync::Arc<super::device::DeviceOutputCache>>>,
+    /// On CUDA: the step's row tables for the masks and the output-cache merge, uploaded by the
+    /// first sparse layer and reused by the others.
+    #[cfg(feature = "cuda")]
+    step_tables: (super::device::UploadedTable, super::device::UploadedTable),
 }
 
 /// What a past row of the window needs this step.
@@ -68,6 +72,8 @@ impl RetroPolicy {
             finished: std::sync::Mutex::new(None),
             #[cfg(feature = "cuda")]
             device_cache: std::sync::Mutex::new(None),
+            #[cfg(feature = "cuda")]
+            step_tables: Default::default(),
         }
     }
 
@@ -327,22 +333,40 @@ impl RetroPolicy {
         let context_lens = batch.seq_context_lens.to_vec();
         let batch_len = context_lens.len();
         let (past, width) = (rows - 1, 2 * rows + 1);
+        // Pool rows are written relative to this layer's place in the pool, so every sparse layer of
+        // a step builds the same tables and only the first one uploads them.
+        let row_offset = layer * self.pool.slots();
         let mut inner = self.pool.lock();
         // Per sequence: past rows' states, every row's pool row, the counter slot, whether the row
         // leaving the window counts toward exposure (retro_row_masks in kernels/cuda/plan.cu).
         let mut meta = vec![0u32; batch_len * width];
+        // Per cached row: [pool row, partial row merged into it, partial row replacing it] (merge_step).
+        let mut entries: Vec<u32> = Vec::with_capacity(batch_len * past * 3);
         for (seq, &ctx) in context_lens.iter().enumerate() {
             let m = &mut meta[seq * width..(seq + 1) * width];
             m[past..].fill(u32::MAX);
             m[2 * rows] = 0;
             let Some(block) = inner.sequences.get_mut(&batch.seq_ids[seq]).and_then(|s| s.block.as_mut()) else { continue };
             let first_pos = ctx - rows;
+            let newest = (block.device_row(layer, ctx - 1) - row_offset) as u32;
+            let mut newest_placed = false;
             for j in 0..past {
+                let pool_row = (block.device_row(layer, first_pos + j) - row_offset) as u32;
                 let Some(row) = block.row(layer, first_pos + j) else { return Ok(None) };
                 m[j] = u32::from(!row.seen_all);
-                m[past + j] = block.device_row(layer, first_pos + j) as u32;
+                m[past + j] = pool_row;
+                let replaced_by = if pool_row == newest && !newest_placed {
+                    newest_placed = true;
+                    (seq * rows + past) as u32
+                } else {
+                    u32::MAX
+                };
+                entries.extend([pool_row, (seq * rows + j) as u32, replaced_by]);
             }
-            m[2 * rows - 2] = block.device_row(layer, ctx - 1) as u32;
+            if !newest_placed {
+                entries.extend([newest, u32::MAX, (seq * rows + past) as u32]);
+            }
+            m[2 * rows - 2] = newest;
             m[2 * rows - 1] = block.id() as u32;
         }
         let budget_pages = self.quest.budget_pages(batch.seq_ids, &context_lens, block_size);
@@ -356,31 +380,24 @@ impl RetroPolicy {
             let Some(state) = inner.sequences.get_mut(&batch.seq_ids[seq]) else { continue };
             state.numbers.pages_loaded += reads[seq];
             let Some(block) = state.block.as_mut() else { continue };
-            // The leaving row's own pages are counted here, the pages it saw by the kernel.
+            // The leaving row's own pages are counted here, the pages it saw by the kernel; then
+            // the newest row takes its slot.
             meta[seq * width + 2 * rows] = u32::from(state.numbers.close_row_own(block.slot(layer, ctx - 1)));
+            let slot = block.slot(layer, ctx - 1);
+            slot.reset(ctx - 1, kv_heads, ctx.div_ceil(block_size), &[], &[]);
+            slot.own_pages = reads[seq];
         }
+        drop(inner);
         self.quest.count_sequence_reads(batch.seq_ids, |seq| reads[seq]);
         let tables = StepTables { context_lens, block_tables: Vec::new() };
         self.quest.record_pages(layer, reads.iter().sum(), &tables, block_size, kv_heads);
 
-        let (out, lse) = super::device::retro_decode_on_device(&d, layer, attn, &tables.context_lens, &budget_pages, &cache, meta)?;
-        let mut values = RowValues::device(cache, out, lse)?;
-        for (seq, &ctx) in tables.context_lens.iter().enumerate() {
-            let pages = ctx.div_ceil(block_size);
-            let Some(state) = inner.sequences.get_mut(&batch.seq_ids[seq]) else { continue };
-            let Some(block) = state.block.as_mut() else { continue };
-            for j in 0..past {
-                let (pos, at) = (ctx - rows + j, seq * rows + j);
-                let pool_row = block.device_row(layer, pos);
-                let row = block.row(layer, pos).expect("checked above");
-                values.merge(at, row, pool_row);
-            }
-            let (pos, at) = (ctx - 1, seq * rows + past);
-            let slot = values.enter(at, block, None, layer, pos, kv_heads, pages);
-            slot.own_pages = reads[seq];
-        }
-        drop(inner);
-        values.finish(attn).map(Some)
+        let dev = attn.query.device();
+        let meta = self.step_tables.0.get(meta, (batch_len, width), dev)?;
+        let entries_len = entries.len() / 3;
+        let entries = self.step_tables.1.get(entries, (entries_len, 3), dev)?;
+        let (out, lse) = super::device::retro_decode_on_device(&d, layer, attn, &tables.context_lens, &budget_pages, &cache, (&meta, row_offset))?;
+        cache.step(&out, &lse, &entries, row_offset).map(Some)
     }
 
     /// Before a sequence's state goes: on CUDA, what its rows saw is on the device; bring the open
@@ -484,9 +501,9 @@ enum RowValues {
         cache: std::sync::Arc<super::device::DeviceOutputCache>,
         out: Tensor,
         lse: Tensor,
+        /// Per pool row: the partial row merged into it / replacing it (-1 none).
         merge: Vec<i64>,
         replace: Vec<i64>,
-        gather: Vec<u32>,
     },
 }
 
@@ -500,8 +517,7 @@ impl RowValues {
     #[cfg(feature = "cuda")]
     fn device(cache: std::sync::Arc<super::device::DeviceOutputCache>, out: Tensor, lse: Tensor) -> Result<Self> {
         let pool_rows = cache.rows()?;
-        let rows_total = out.dim(0)?;
-        Ok(Self::Device { cache, out, lse, merge: vec![-1; pool_rows], replace: vec![-1; pool_rows], gather: (0..rows_total as u32).collect() })
+        Ok(Self::Device { cache, out, lse, merge: vec![-1; pool_rows], replace: vec![-1; pool_rows] })
     }
 
     /// Where the output cache lives for this query, with `out` [rows, heads, head_dim] and `lse`
@@ -530,10 +546,9 @@ impl RowValues {
                 o.copy_from_slice(&row.out);
             }
             #[cfg(feature = "cuda")]
-            Self::Device { out, merge, gather, .. } => {
+            Self::Device { merge, .. } => {
                 let _ = row; // its values are the device cache's row `pool_row`
                 merge[pool_row] = at as i64;
-                gather[at] = (out.dim(0).expect("3-d output") + pool_row) as u32;
             }
         }
         #[cfg(not(feature = "cuda"))]
@@ -580,7 +595,18 @@ impl RowValues {
         match self {
             Self::Host { out, shape, .. } => Tensor::from_vec(out, shape, attn.query.device())?.to_dtype(attn.query.dtype()),
             #[cfg(feature = "cuda")]
-            Self::Device { cache, out, lse, merge, replace, gather } => cache.step(&out, &lse, &merge, &gather, &replace),
+            Self::Device { cache, out, lse, merge, replace } => {
+                let code = |r: i64| if r < 0 { u32::MAX } else { r as u32 };
+                let entries: Vec<u32> = merge
+                    .iter()
+                    .zip(&replace)
+                    .enumerate()
+                    .filter(|(_, (&m, &r))| m >= 0 || r >= 0)
+                    .flat_map(|(row, (&m, &r))| [row as u32, code(m), code(r)])
+                    .collect();
+                let k = entries.len() / 3;
+                cache.step(&out, &lse, &Tensor::from_vec(entries, (k, 3), out.device())?, 0)
+            }
         }
     }
 }
