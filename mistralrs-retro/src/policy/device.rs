@@ -197,8 +197,9 @@ pub fn decode_selection_on_device(
 
 /// Retro's window step with the row masks built on the device: select, masks from the device
 /// bitsets (`DeviceOutputCache::seen`), decode, with no read-back. `meta` is `retro_row_masks`'s
-/// per-sequence row table (uploaded once per step, pool rows relative to `row_offset`). The plan is the one a host-built selection of the same lists would get
-/// (same stride and splits), so the output is the host path's bit for bit.
+/// per-sequence row table (uploaded once per step, pool rows relative to `row_offset`). The plan
+/// is the one a host-built selection of the same lists would get (same stride and splits), so the
+/// output is the host path's bit for bit.
 #[allow(clippy::too_many_arguments)]
 pub fn retro_decode_on_device(
     summaries: &DeviceSummaries,
