@@ -1,16 +1,32 @@
 // The fused sparse decode kernel of quest and retro (quest is rows = 1).
 //
 // One CUDA block per (split of a page list, KV head, sequence). Each listed page is read from HBM
-// once (16-byte coalesced loads of its contiguous K and V runs, the next page prefetched into
-// registers while the current one is used) and serves every query head of the KV head's GQA group
-// and every query row of the replay window whose mask bit is set, each row limited to its causal
-// prefix (row r of a window of `rows` sees the first context_len - (rows - 1 - r) tokens). An
-// online softmax per (row, head) gives a partial (O, lse) per split; combine_splits merges the
-// splits exactly by log-sum-exp, and merge_step folds partial results into retro's output cache.
-// Semantics are those of cpu::paged_decode_selected (the reference for the GPU tests).
+// once, by cp.async straight into shared memory, STAGES - 1 pages ahead of the one in use, and
+// serves every query head of the KV head's GQA group and every query row of the replay window
+// whose mask bit is set, each row limited to its causal prefix (row r of a window of `rows` sees
+// the first context_len - (rows - 1 - r) tokens). A warp scores BS tokens for 32 / BS queries
+// (a lane per token, so the online softmax's max and sum are warp shuffles and its state stays in
+// registers); then each thread accumulates one output channel for every query. A partial (O, lse)
+// per split; combine_splits merges the splits exactly by log-sum-exp, and merge_step folds partial
+// results into retro's output cache. Semantics are those of cpu::paged_decode_selected (the
+// reference for the GPU tests).
 #include "common.cuh"
 
-template <typename T> __host__ __device__ constexpr int k_stride(int d) { return d + (sizeof(T) == 4 ? 1 : 2); }
+// Pages in shared memory at once: the one in use and STAGES - 1 in flight (an f32 page is twice
+// the bytes, so one fewer keeps its blocks per SM).
+template <typename T> __host__ __device__ constexpr int decode_stages() { return sizeof(T) == 4 ? 2 : 3; }
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Where 16-byte chunk j (C chunks per channel) of channel d of a V page sits in shared memory. The
+// PV product has thread d read chunk j of its own channel, so without the XOR the 8 lanes of a
+// 128-bit load phase would hit the same banks (a channel is C * 16 bytes, at most 128).
+template <int C> __device__ __forceinline__ int v_chunk(int d, int j) { return d * C + (j ^ ((d / (8 / C)) % C)); }
 
 // MAXQ: query vectors (GQA group size x window rows) one block can serve; the launcher picks the
 // smallest instantiation that fits, since each thread keeps MAXQ accumulators in registers.
@@ -26,13 +42,20 @@ __device__ void selected_decode(const T* __restrict__ query, const T* __restrict
                                 int pages_per_split, float* __restrict__ part_o,
                                 float* __restrict__ part_lse) {
   constexpr int THREADS = D;  // one output channel per thread
+  constexpr int WARPS = THREADS / 32;
   constexpr int X = key_chunk<T>();
-  constexpr int KS = k_stride<T>(D);
-  constexpr int VECS = D * BS / X / THREADS;  // 16-byte vectors per thread per page, K and V each
-  static_assert(VECS >= 1 && (D * BS / X) % THREADS == 0, "page must split evenly over threads");
+  constexpr int C = BS / X;             // 16-byte chunks per channel of a V page
+  constexpr int CHUNKS = D * BS / X;    // 16-byte chunks per page, of K and of V each
+  constexpr int VECS = CHUNKS / THREADS;
+  constexpr int STAGES = decode_stages<T>();
+  constexpr int QPW = 32 / BS;          // queries a warp scores at once
+  constexpr int PASSES = (MAXQ + WARPS * QPW - 1) / (WARPS * QPW);
+  static_assert(VECS >= 1 && CHUNKS % THREADS == 0, "page must split evenly over threads");
+  static_assert(32 % BS == 0 && C <= 8, "a warp scores whole pages");
 
   const int split = blockIdx.x, h = blockIdx.y, seq = blockIdx.z;
   const int batch = gridDim.z, tid = threadIdx.x;
+  const int warp = tid / 32, lane = tid % 32, t = lane % BS;
   const int group = heads / kv_heads;
   const int nq = group * rows;
   const int list = seq * kv_heads + h;
@@ -42,13 +65,12 @@ __device__ void selected_decode(const T* __restrict__ query, const T* __restrict
   const int ctx = context_lens[seq];
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  float* q_s = reinterpret_cast<float*>(smem_raw);  // [nq][D], pre-scaled
-  float* p_s = q_s + MAXQ * D;               // [nq][BS] scores, then probabilities
-  float* m_s = p_s + MAXQ * BS;              // [nq] running max
-  float* l_s = m_s + MAXQ;                   // [nq] running sum
-  float* a_s = l_s + MAXQ;                   // [nq] rescale of this page
-  T* k_s = reinterpret_cast<T*>(a_s + MAXQ);  // [BS][KS]
-  T* v_s = k_s + BS * KS;                            // [BS][D]
+  uint4* stage_s = reinterpret_cast<uint4*>(smem_raw);  // [STAGES][K, V][CHUNKS]
+  float* q_s = reinterpret_cast<float*>(stage_s + STAGES * 2 * CHUNKS);  // [MAXQ][D], pre-scaled
+  float* p_s = q_s + MAXQ * D;   // [MAXQ][BS] probabilities of the page in use
+  float* a_s = p_s + MAXQ * BS;  // [MAXQ] rescale of the accumulators for this page
+  float* m_s = a_s + MAXQ;       // [MAXQ] final max
+  float* l_s = m_s + MAXQ;       // [MAXQ] final sum
 
   // qi = r * group + g: row r, head h * group + g.
   for (int i = tid; i < nq * D; i += THREADS) {
@@ -56,108 +78,154 @@ __device__ void selected_decode(const T* __restrict__ query, const T* __restrict
     const int r = qi / group, g = qi % group;
     q_s[i] = scale * to_f32(query[(((int64_t)seq * rows + r) * heads + h * group + g) * D + d]);
   }
-  if (tid < MAXQ) {
-    m_s[tid] = -INFINITY;
-    l_s[tid] = 0.f;
-  }
-  float acc[MAXQ];
-#pragma unroll
-  for (int qi = 0; qi < MAXQ; ++qi) acc[qi] = 0.f;
 
   const uint32_t* pages = sel_pages + (int64_t)list * sel_stride;
   const uint32_t* masks = sel_masks ? sel_masks + (int64_t)list * sel_stride : nullptr;
   const uint32_t all_rows = rows >= 32 ? 0xffffffffu : ((1u << rows) - 1u);
   const int64_t page_elems = (int64_t)D * BS;
 
-  uint4 k_reg[VECS], v_reg[VECS];
-  auto load_page = [&](int i) {
-    const uint32_t block = block_tables[(int64_t)seq * max_blocks_per_seq + pages[i]];
-    const uint4* k = reinterpret_cast<const uint4*>(key_cache + ((int64_t)block * kv_heads + h) * page_elems);
-    const uint4* v = reinterpret_cast<const uint4*>(value_cache + ((int64_t)block * kv_heads + h) * page_elems);
+  // K keeps the cache's [D/X][BS][X] layout (lane t reads token t's chunks: consecutive 16-byte
+  // words); V's [D][BS] is swizzled by v_chunk. Past the list an empty group keeps the count.
+  auto issue = [&](int i) {
+    if (i < end) {
+      const uint32_t block = block_tables[(int64_t)seq * max_blocks_per_seq + pages[i]];
+      const uint4* k = reinterpret_cast<const uint4*>(key_cache + ((int64_t)block * kv_heads + h) * page_elems);
+      const uint4* v = reinterpret_cast<const uint4*>(value_cache + ((int64_t)block * kv_heads + h) * page_elems);
+      uint4* ks = stage_s + ((i - begin) % STAGES) * 2 * CHUNKS;
+      uint4* vs = ks + CHUNKS;
 #pragma unroll
-    for (int j = 0; j < VECS; ++j) {
-      k_reg[j] = __ldg(k + j * THREADS + tid);
-      v_reg[j] = __ldg(v + j * THREADS + tid);
+      for (int j = 0; j < VECS; ++j) {
+        const int vi = j * THREADS + tid;
+        cp_async16(ks + vi, k + vi);
+        cp_async16(vs + v_chunk<C>(vi / C, vi % C), v + vi);
+      }
     }
+    cp_async_commit();
   };
-  if (begin < end) load_page(begin);
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) issue(begin + s);
+
+  float acc[MAXQ];
+#pragma unroll
+  for (int qi = 0; qi < MAXQ; ++qi) acc[qi] = 0.f;
+  // Online softmax state of the queries this lane scores, pass by pass.
+  float m_r[PASSES], l_r[PASSES];
+#pragma unroll
+  for (int ps = 0; ps < PASSES; ++ps) {
+    m_r[ps] = -INFINITY;
+    l_r[ps] = 0.f;
+  }
 
   for (int i = begin; i < end; ++i) {
+    cp_async_wait<STAGES - 2>();  // this thread's copies of page i have landed
     const int page = pages[i];
     const uint32_t mask = masks ? masks[i] : all_rows;
-    // Registers -> shared: K from [D/X][BS][X] to [BS][KS], V from [D][BS] to [BS][D].
+    const uint4* ks = stage_s + ((i - begin) % STAGES) * 2 * CHUNKS;
+    uint4* vs = stage_s + ((i - begin) % STAGES) * 2 * CHUNKS + CHUNKS;
+    // Slots past the context were never written (upstream allocates the cache uninitialized, so
+    // they can hold NaN bit patterns): their probability is 0, but 0 * NaN is NaN, so each thread
+    // zeroes them in the V chunks it copied. Keys need nothing: those scores are never computed.
+    const int written = ctx - page * BS;
+    if (written < BS) {
 #pragma unroll
-    for (int j = 0; j < VECS; ++j) {
-      const int vi = j * THREADS + tid;
-      const T* kv = reinterpret_cast<const T*>(&k_reg[j]);
-      const int chunk = vi / BS, t = vi % BS;
+      for (int j = 0; j < VECS; ++j) {
+        const int vi = j * THREADS + tid;
+        T* v = reinterpret_cast<T*>(vs + v_chunk<C>(vi / C, vi % C));
 #pragma unroll
-      for (int e = 0; e < X; ++e) k_s[t * KS + chunk * X + e] = kv[e];
-      const T* vv = reinterpret_cast<const T*>(&v_reg[j]);
-      const int d = vi * X / BS, t0 = vi * X % BS;
-      // Slots past the context were never written (upstream allocates the cache uninitialized, so
-      // they can hold NaN bit patterns): their probability is 0, but 0 * NaN is NaN, so the values
-      // themselves are zeroed. Keys need nothing: scores past a row's prefix are never computed.
-      const int written = ctx - page * BS - t0;
-#pragma unroll
-      for (int e = 0; e < X; ++e) v_s[(t0 + e) * D + d] = e < written ? vv[e] : from_f32<T>(0.f);
+        for (int e = 0; e < X; ++e)
+          if ((vi % C) * X + e >= written) v[e] = from_f32<T>(0.f);
+      }
     }
+    // Every thread is past page i - 1 (its stage is free again) and page i is complete.
     __syncthreads();
-    if (i + 1 < end) load_page(i + 1);  // in flight while this page is used
+    issue(i + STAGES - 1);
 
-    // Scores of every (query, token) pair this page serves.
-    for (int pi = tid; pi < nq * BS; pi += THREADS) {
-      const int qi = pi / BS, t = pi % BS;
+    // Scores and the online softmax: warp w, pass ps scores queries (ps * WARPS + w) * QPW + ...
+#pragma unroll
+    for (int ps = 0; ps < PASSES; ++ps) {
+      const int first = (ps * WARPS + warp) * QPW;
+      if (first >= nq) break;
+      const int qi = first + lane / BS;
       const int r = qi / group;
-      const int visible = ctx - (rows - 1 - r);
-      const int token = page * BS + t;
+      const bool live = qi < nq && ((mask >> r) & 1u) && page * BS + t < ctx - (rows - 1 - r);
       float s = -INFINITY;
-      if (((mask >> r) & 1u) && token < visible) {
+      if (live) {
         const float* q = q_s + qi * D;
-        const T* k = k_s + t * KS;
         float dot = 0.f;
-#pragma unroll 8
-        for (int d = 0; d < D; ++d) dot += q[d] * to_f32(k[d]);
+#pragma unroll
+        for (int c = 0; c < D / X; ++c) {
+          const uint4 raw = ks[c * BS + t];
+          const T* k = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+          for (int e = 0; e < X; e += 4) {
+            const float4 q4 = *reinterpret_cast<const float4*>(q + c * X + e);
+            dot = fmaf(q4.x, to_f32(k[e]), dot);
+            dot = fmaf(q4.y, to_f32(k[e + 1]), dot);
+            dot = fmaf(q4.z, to_f32(k[e + 2]), dot);
+            dot = fmaf(q4.w, to_f32(k[e + 3]), dot);
+          }
+        }
         s = softcap > 0.f ? softcap * tanhf(dot / softcap) : dot;
       }
-      p_s[pi] = s;
-    }
-    __syncthreads();
-    // Online softmax bookkeeping, one thread per query.
-    if (tid < nq) {
-      float* p = p_s + tid * BS;
-      float mx = -INFINITY;
-      for (int t = 0; t < BS; ++t) mx = fmaxf(mx, p[t]);
-      const float m_old = m_s[tid];
-      const float m_new = fmaxf(m_old, mx);
-      float alpha = 1.f, sum = 0.f;
-      if (m_new == -INFINITY) {
-        for (int t = 0; t < BS; ++t) p[t] = 0.f;
-      } else {
-        alpha = __expf(m_old - m_new);
-        for (int t = 0; t < BS; ++t) {
-          const float e = __expf(p[t] - m_new);
-          p[t] = e;
-          sum += e;
-        }
+      float mx = s;
+#pragma unroll
+      for (int o = BS / 2; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      const float m_new = fmaxf(m_r[ps], mx);
+      float p = 0.f, alpha = 1.f;
+      if (m_new != -INFINITY) {
+        alpha = __expf(m_r[ps] - m_new);
+        p = __expf(s - m_new);
       }
-      m_s[tid] = m_new;
-      l_s[tid] = l_s[tid] * alpha + sum;
-      a_s[tid] = alpha;
+      float sum = p;
+#pragma unroll
+      for (int o = BS / 2; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      m_r[ps] = m_new;
+      l_r[ps] = l_r[ps] * alpha + sum;
+      if (qi < nq) {
+        p_s[qi * BS + t] = p;
+        if (t == 0) a_s[qi] = alpha;
+      }
     }
     __syncthreads();
+
+    // O += P V: thread d reads its channel's BS values once and serves every query.
+    float v[BS];
+#pragma unroll
+    for (int j = 0; j < C; ++j) {
+      const uint4 raw = vs[v_chunk<C>(tid, j)];
+      const T* vv = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int e = 0; e < X; ++e) v[j * X + e] = to_f32(vv[e]);
+    }
 #pragma unroll
     for (int qi = 0; qi < MAXQ; ++qi) {
       if (qi < nq) {
         const float* p = p_s + qi * BS;
         float a = acc[qi] * a_s[qi];
 #pragma unroll
-        for (int t = 0; t < BS; ++t) a += p[t] * to_f32(v_s[t * D + tid]);
+        for (int tt = 0; tt < BS; tt += 4) {
+          const float4 p4 = *reinterpret_cast<const float4*>(p + tt);
+          a = fmaf(p4.x, v[tt], a);
+          a = fmaf(p4.y, v[tt + 1], a);
+          a = fmaf(p4.z, v[tt + 2], a);
+          a = fmaf(p4.w, v[tt + 3], a);
+        }
         acc[qi] = a;
       }
     }
-    __syncthreads();
   }
+
+#pragma unroll
+  for (int ps = 0; ps < PASSES; ++ps) {
+    const int first = (ps * WARPS + warp) * QPW;
+    if (first >= nq) break;
+    const int qi = first + lane / BS;
+    if (qi < nq && t == 0) {
+      m_s[qi] = m_r[ps];
+      l_s[qi] = l_r[ps];
+    }
+  }
+  __syncthreads();
 
   // Partial results of this split: normalized O and lse (-inf, O = 0 when nothing was attended).
 #pragma unroll

@@ -360,9 +360,9 @@ pub fn retro_row_masks(plan: &DevicePlan, selection: &mut Selection, seen: &Tens
 
 /// Dynamic shared memory of the decode kernel (see the layout in selected_decode.cu).
 fn decode_smem(dtype: DType, head_dim: usize, block_size: usize, maxq: usize) -> usize {
-    let k_stride = head_dim + if dtype == DType::F32 { 1 } else { 2 };
-    (maxq * head_dim + maxq * block_size + 3 * maxq) * 4
-        + block_size * (k_stride + head_dim) * dtype.size_in_bytes()
+    // decode_stages() in selected_decode.cu: pages of K and V in shared memory at once.
+    let stages = if dtype == DType::F32 { 2 } else { 3 };
+    stages * 2 * head_dim * block_size * dtype.size_in_bytes() + (maxq * head_dim + maxq * block_size + 3 * maxq) * 4
 }
 
 /// Sparse decode attention of `query [batch * rows, heads, head_dim]` over the selection: row r of
