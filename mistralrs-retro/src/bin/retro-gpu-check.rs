@@ -8,7 +8,9 @@
 //! It also checks the one upstream op a replay window leans on that the CPU path never runs: candle's
 //! CUDA quantized matmul (GGUF models) with 2..8 rows, the rows a window of w feeds per sequence, against
 //! the same op one row at a time, and mistralrs-quant's GEMV for unquantized layers with 2..8 rows
-//! against one row at a time, bit for bit (`--replay-rows` runs only these two, `--gemv` the last).
+//! against one row at a time, bit for bit (`--replay-rows` runs only these two, `--gemv` the last),
+//! and an unquantized layer fed `[batch, rows, k]` with the batch folded into its rows (patch
+//! mistralrs-quant/0004) against the same layer unfolded (`--gemv` runs it too).
 //!
 //! Built on the CPU machine with `--features cuda`, run on the GPU machine: `scripts/gpu/check.sh`.
 
@@ -570,6 +572,46 @@ fn check_gemv_rows(rng: &mut Rng, gpu_dev: &Device) -> Result<Vec<String>> {
     Ok(failures)
 }
 
+/// Patch mistralrs-quant/0004: with the fold on, an unquantized CUDA linear layer given
+/// `[batch, rows, k]` (retro's window at batch > 1) multiplies one `[batch * rows, k]` matrix. Up to
+/// 8 rows in all that is the GEMV either way, and one row per sequence is not folded, so both are
+/// bit-identical to the fold off; above, one cuBLAS
+/// product instead of `batch` of them, which must be as close to the CPU as the unfolded products
+/// (cuBLAS may take f32 through TF32, ~3e-4 here, so the dtype's tolerance alone is too tight).
+/// Returns failures.
+fn check_fold_batch_rows(rng: &mut Rng, gpu_dev: &Device) -> Result<Vec<String>> {
+    use mistralrs_quant::{QuantMethod, QuantMethodConfig, UnquantLinear};
+    let mut failures = Vec::new();
+    println!("| folded linear (batch x rows x k -> n) | dtype | bit-identical to unfolded | max rel. error vs unfolded | max rel. error vs CPU (unfolded) |");
+    println!("|---|---|---|---|---|");
+    for dtype in [DType::BF16, DType::F32] {
+        for &(n, k) in &[(1536, 576), (4096, 4096)] {
+            let w = rng.tensor(&[n, k], 0.5, dtype).to_device(gpu_dev)?;
+            let bias = rng.tensor(&[n], 0.5, dtype).to_device(gpu_dev)?;
+            let layer = UnquantLinear::new(QuantMethodConfig::Unquantized(candle_nn::Linear::new(w.clone(), Some(bias.clone()))))?;
+            for (b, s) in [(2usize, 2usize), (4, 2), (8, 2), (4, 4), (3, 5), (16, 1)] {
+                let x = rng.tensor(&[b, s, k], 1.0, dtype).to_device(gpu_dev)?;
+                mistralrs_quant::set_cuda_fold_batch_rows(true);
+                let folded = layer.forward(&x);
+                mistralrs_quant::set_cuda_fold_batch_rows(false);
+                let (folded, unfolded) = (to_f32(&folded?)?, to_f32(&layer.forward(&x)?)?);
+                let identical = folded.iter().zip(&unfolded).all(|(a, o)| a.to_bits() == o.to_bits());
+                let (xc, wc) = (x.to_device(&Device::Cpu)?.to_dtype(DType::F32)?, w.to_device(&Device::Cpu)?.to_dtype(DType::F32)?);
+                let cpu_out = xc.broadcast_matmul(&wc.t()?)?.broadcast_add(&bias.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)?;
+                let cpu_out = cpu_out.flatten_all()?.to_vec1::<f32>()?;
+                let (vs_unfolded, nan) = rel_error(&folded, &unfolded);
+                let (vs_cpu, _) = rel_error(&folded, &cpu_out);
+                let (unfolded_vs_cpu, _) = rel_error(&unfolded, &cpu_out);
+                println!("| {b} x {s} x {k} -> {n} | {dtype:?} | {} | {vs_unfolded:.2e} | {vs_cpu:.2e} ({unfolded_vs_cpu:.2e}) |", if identical { "yes" } else { "no" });
+                if nan || ((b * s <= 8 || s == 1) && !identical) || vs_cpu > out_tolerance(dtype).max(2.0 * unfolded_vs_cpu) {
+                    failures.push(format!("folded linear {dtype:?} {b} x {s} x {k} -> {n}: bit-identical {identical}, {vs_cpu:.2e} vs CPU{}", if nan { ", NaN" } else { "" }));
+                }
+            }
+        }
+    }
+    Ok(failures)
+}
+
 fn main() -> ExitCode {
     let quick = std::env::args().any(|a| a == "--quick");
     let replay_rows_only = std::env::args().any(|a| a == "--replay-rows");
@@ -606,6 +648,10 @@ fn main() -> ExitCode {
     match check_gemv_rows(&mut rng, &gpu_dev) {
         Ok(f) => tally.failures.extend(f),
         Err(e) => tally.failures.push(format!("GEMV check: error: {e:#}")),
+    }
+    match check_fold_batch_rows(&mut rng, &gpu_dev) {
+        Ok(f) => tally.failures.extend(f),
+        Err(e) => tally.failures.push(format!("batch-fold check: error: {e:#}")),
     }
     println!("tolerances: out f32 {:.0e}, f16 {:.0e}, bf16 {:.1e} (max abs error / max abs reference); lse {LSE_TOLERANCE:.0e}; bounds and masks exact", out_tolerance(DType::F32), out_tolerance(DType::F16), out_tolerance(DType::BF16));
     if tally.failures.is_empty() {

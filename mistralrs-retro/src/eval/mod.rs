@@ -587,7 +587,7 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
                 }
                 let assigned = Arc::new(Mutex::new(Vec::new()));
                 // As `policy::install` does when serving (the switch installs no policy itself).
-                crate::policy::set_cpu_row_split_for(if kind == Kind::Full { crate::policy::PolicyKind::Full } else { crate::policy::PolicyKind::Quest });
+                crate::policy::set_linear_paths_for(if kind == Kind::Full { crate::policy::PolicyKind::Full } else { crate::policy::PolicyKind::Quest });
                 switch.switch_to(policy.served.clone(), Some(budget_hook(policy.clone(), order.clone(), assigned.clone())))?;
                 let t = Instant::now();
                 run_batch(&engine, jobs).await?;

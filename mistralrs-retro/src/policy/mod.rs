@@ -165,23 +165,29 @@ pub(crate) fn cpu_prompt_attention(q: &candle_core::Tensor, k: &candle_core::Ten
 /// it gemm's packed path is as fast (measured on SmolLM2-135M's shapes, see patches/README.md).
 const CPU_ROW_SPLIT_LIMIT: usize = 8;
 
-/// Set how CPU linear layers treat small row counts for a policy about to run. Sparse decode steps
-/// feed 1..=window rows per sequence through every linear layer; on CPU gemm's packed path makes
-/// 2..8-row products several times slower than the one-row path, so those run row by row (patch
-/// mistralrs-quant/0001). `full` keeps upstream's arithmetic. RETRO_CPU_ROW_SPLIT_LIMIT overrides
-/// it (0 = upstream's single matmul), for side-by-side benches.
-pub fn set_cpu_row_split_for(kind: PolicyKind) {
+/// Set how linear layers treat the few rows per sequence of a policy about to run. Sparse decode
+/// steps feed 1..=window rows per sequence through every linear layer:
+/// - on CPU gemm's packed path makes 2..8-row products several times slower than the one-row path,
+///   so those run row by row (patch mistralrs-quant/0001; RETRO_CPU_ROW_SPLIT_LIMIT overrides the
+///   limit, 0 = upstream's single matmul);
+/// - on CUDA upstream multiplies `[batch, rows, k]` as `batch` products against a broadcast weight,
+///   reading the weights once per sequence, so the batch's rows are folded into one matrix (patch
+///   mistralrs-quant/0004; RETRO_CUDA_FOLD_BATCH_ROWS=0 turns it off).
+/// `full` keeps upstream's arithmetic. The overrides are for side-by-side benches.
+pub fn set_linear_paths_for(kind: PolicyKind) {
     let limit = match std::env::var("RETRO_CPU_ROW_SPLIT_LIMIT").ok().and_then(|v| v.parse().ok()) {
         Some(limit) => limit,
         None if kind == PolicyKind::Full => 0,
         None => CPU_ROW_SPLIT_LIMIT,
     };
     mistralrs_quant::set_cpu_row_split_limit(limit);
+    let fold = kind != PolicyKind::Full && std::env::var("RETRO_CUDA_FOLD_BATCH_ROWS").map_or(true, |v| v != "0");
+    mistralrs_quant::set_cuda_fold_batch_rows(fold);
 }
 
 /// Register the policy with mistral.rs. Must run before the model (and its KV cache) is loaded.
 pub fn install(config: &PolicyConfig) -> Arc<dyn ServedPolicy> {
-    set_cpu_row_split_for(config.kind);
+    set_linear_paths_for(config.kind);
     let policy = config.build();
     register_kv_policy(policy.clone());
     policy
