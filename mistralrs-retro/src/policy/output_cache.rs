@@ -321,19 +321,22 @@ impl OutputCachePool {
     /// Drop a sequence's state, closing its open rows and returning its block.
     pub fn release(&self, inner: &mut PoolInner, seq_id: usize) -> Option<SequenceState> {
         let mut state = inner.sequences.remove(&seq_id)?;
-        if let Some(mut block) = state.block.take() {
-            // Rows still in the window have seen all they will: count them.
-            for row in block.entries() {
-                state.numbers.close_row(row);
-            }
+        let block = state.block.take();
+        // Rows still in the window have seen all they will: count them.
+        for row in block.iter().flat_map(|b| b.entries()) {
+            state.numbers.close_row(row);
+        }
+        // The finished-sequence totals go out before the block count drops, so whoever sees the
+        // block returned (a TP worker's metrics, a test) also sees this sequence's numbers.
+        let n = &state.numbers;
+        self.totals.supplement_pages.fetch_add(n.supplement_pages, Ordering::Release);
+        self.totals.exposure_seen.fetch_add(n.exposure_seen, Ordering::Release);
+        self.totals.exposure_own.fetch_add(n.exposure_own, Ordering::Release);
+        if let Some(mut block) = block {
             block.clear();
             inner.free.push(block);
-            self.totals.blocks_in_use.fetch_sub(1, Ordering::Relaxed);
+            self.totals.blocks_in_use.fetch_sub(1, Ordering::Release);
         }
-        let n = &state.numbers;
-        self.totals.supplement_pages.fetch_add(n.supplement_pages, Ordering::Relaxed);
-        self.totals.exposure_seen.fetch_add(n.exposure_seen, Ordering::Relaxed);
-        self.totals.exposure_own.fetch_add(n.exposure_own, Ordering::Relaxed);
         Some(state)
     }
 }

@@ -839,7 +839,7 @@ impl PolicyMetrics for RetroPolicy {
                 if own > 0.0 { seen / own } else { 0.0 },
             ),
             Metric::gauge("retro_output_cache_blocks_capacity", "Output-cache blocks in the pool", self.pool.capacity() as f64),
-            Metric::gauge("retro_output_cache_blocks_in_use", "Output-cache blocks held by sequences", t.blocks_in_use.load(Ordering::Relaxed) as f64),
+            Metric::gauge("retro_output_cache_blocks_in_use", "Output-cache blocks held by sequences", t.blocks_in_use.load(Ordering::Acquire) as f64),
             Metric::gauge("retro_output_cache_bytes", "Heap bytes of the output-cache blocks created (this process's query heads only)", self.pool.bytes() as f64),
             Metric::counter("retro_degraded_sequences_total", "Sequences that found the pool dry and ran as quest", load(&t.degraded_sequences)),
         ]);
