@@ -1,10 +1,12 @@
 //! Paged decode attention (flash-decoding on the CPU), dense or restricted to page selections.
 //!
 //! Both entry points walk a page list per (sequence, kv head): every page for [`paged_decode`],
-//! the policy's [`PageSelection`] for [`paged_decode_selected`]. One task per (sequence, kv head,
-//! split of its list) streams its pages once and serves every query head of the GQA group and
+//! the policy's [`PageSelection`] for [`paged_decode_selected`]. One task per (sequence, split of
+//! its lists, kv heads) streams its pages once and serves every query head of the GQA group and
 //! every query row that uses the page, keeping an online softmax per (head, row). Splits are merged
-//! exactly afterwards by log-sum-exp.
+//! exactly afterwards by log-sum-exp. Dense tasks take every kv head of a block in turn: a block's
+//! pages are one contiguous run of `kv_heads` pages, a longer stream for the prefetcher than one
+//! scattered page.
 
 use super::access::{
     ensure_cpu, ensure_float_dtype, small_u32_vec, BlockTables, CacheElem, CacheGeometry, CpuRead,
@@ -251,24 +253,34 @@ impl PageLists for PageSelection {
     }
 }
 
-/// A contiguous run of one (sequence, kv head) page list: positions `first_page..end_page` of the
-/// list (for `paged_decode`'s lists, position = page). Empty when that kv head's list is shorter
-/// than its sequence's other lists.
+/// A contiguous run of the page lists of kv heads `kv_head..kv_head + kv_head_count` of one
+/// sequence: positions `first_page..end_page` of each list (for `paged_decode`'s lists, position =
+/// page), clipped to each list's length (a list shorter than its sequence's longest may have none).
 #[derive(Debug, Clone, Copy)]
 struct SplitTask {
     seq: usize,
     kv_head: usize,
+    kv_head_count: usize,
     first_page: usize,
     end_page: usize,
 }
 
-/// Tasks are ordered (sequence, split, kv head), so task `(first_split[seq] + split) * kv_heads +
-/// kv_head` holds split `split` of `seq` for `kv_head`. Kv-head-minor order puts tasks that read
-/// neighbouring pages of the same blocks next to each other; a sequence has as many splits as its
-/// longest list needs.
+impl SplitTask {
+    fn kv_heads(&self) -> std::ops::Range<usize> {
+        self.kv_head..self.kv_head + self.kv_head_count
+    }
+}
+
+/// Partial states are ordered (sequence, split, kv head): state `(first_split[seq] + split) *
+/// kv_heads + kv_head` holds split `split` of `seq` for `kv_head`, and each task owns the
+/// `kv_head_count` consecutive states of its heads. A sequence has as many splits as its longest
+/// list needs.
 #[derive(Debug)]
 struct SplitPlan {
     tasks: Vec<SplitTask>,
+    /// Kv heads per task: all of them for lists that every head shares (the pages of one block are
+    /// then read in one run), else 1.
+    heads_per_task: usize,
     /// Per sequence, its first split's global index; one extra entry closes the last sequence.
     first_split: Vec<usize>,
 }
@@ -288,13 +300,23 @@ impl SplitPlan {
         Self::for_lists(&lists, context_lens.len(), kv_heads, pages_per_split)
     }
 
-    fn for_lists(
-        lists: &impl PageLists,
+    /// Kv heads one task walks together: every head's list is the same for `EVERY_ROW` lists.
+    fn heads_per_task<L: PageLists>(kv_heads: usize) -> usize {
+        if L::EVERY_ROW {
+            kv_heads.max(1)
+        } else {
+            1
+        }
+    }
+
+    fn for_lists<L: PageLists>(
+        lists: &L,
         batch: usize,
         kv_heads: usize,
         pages_per_split: usize,
     ) -> Self {
         let pages_per_split = pages_per_split.max(1);
+        let heads_per_task = Self::heads_per_task::<L>(kv_heads);
         let mut tasks = Vec::new();
         let mut first_split = Vec::with_capacity(batch + 1);
         let mut splits = 0;
@@ -305,11 +327,13 @@ impl SplitPlan {
                 .max()
                 .unwrap_or(0);
             for first in (0..longest).step_by(pages_per_split) {
-                tasks.extend((0..kv_heads).map(|kv_head| {
+                tasks.extend((0..kv_heads).step_by(heads_per_task).map(|kv_head| {
+                    // Lists shared by a task's heads have one length: the first head's.
                     let len = lists.list_len(seq, kv_head);
                     SplitTask {
                         seq,
                         kv_head,
+                        kv_head_count: heads_per_task,
                         first_page: first.min(len),
                         end_page: (first + pages_per_split).min(len),
                     }
@@ -318,7 +342,11 @@ impl SplitPlan {
             }
         }
         first_split.push(splits);
-        Self { tasks, first_split }
+        Self {
+            tasks,
+            heads_per_task,
+            first_split,
+        }
     }
 
     /// Enough splits for `TASKS_PER_THREAD` tasks per thread over the whole batch.
@@ -336,20 +364,21 @@ impl SplitPlan {
         Self::auto_split_len(&lists, context_lens.len(), kv_heads, block_size, threads)
     }
 
-    fn auto_split_len(
-        lists: &impl PageLists,
+    /// List positions per split, so that the batch makes about `TASKS_PER_THREAD` tasks per thread.
+    fn auto_split_len<L: PageLists>(
+        lists: &L,
         batch: usize,
         kv_heads: usize,
         block_size: usize,
         threads: usize,
     ) -> usize {
-        let page_tasks: usize = (0..batch)
+        let page_visits: usize = (0..batch)
             .flat_map(|seq| (0..kv_heads).map(move |kv_head| (seq, kv_head)))
             .map(|(seq, kv_head)| lists.list_len(seq, kv_head))
             .sum();
         let target_tasks = TASKS_PER_THREAD * threads.max(1);
-        page_tasks
-            .div_ceil(target_tasks)
+        page_visits
+            .div_ceil(target_tasks * Self::heads_per_task::<L>(kv_heads))
             .max(MIN_SPLIT_TOKENS.div_ceil(block_size))
             .max(1)
     }
@@ -492,9 +521,9 @@ fn decode_typed<T: CacheElem, L: PageLists>(
         scaled_queries: &scaled_queries,
         softcap,
     };
-    let mut partials = vec![0f32; plan.tasks.len() * stride];
+    let mut partials = vec![0f32; plan.tasks.len() * plan.heads_per_task * stride];
     partials
-        .par_chunks_mut(stride)
+        .par_chunks_mut(plan.heads_per_task * stride)
         .zip(plan.tasks.par_iter())
         .for_each_init(
             || PageScratch::new::<T>(g),
@@ -520,9 +549,9 @@ fn decode_typed<T: CacheElem, L: PageLists>(
                     (head % inputs.group) * inputs.rows + row,
                 );
                 let partial_of = |split: usize| {
-                    let task = split * g.kv_heads + kv_head;
+                    let at = split * g.kv_heads + kv_head;
                     read_partial(
-                        &partials[task * stride..(task + 1) * stride],
+                        &partials[at * stride..(at + 1) * stride],
                         states,
                         state,
                         head_dim,
@@ -583,107 +612,131 @@ impl<T: CacheElem, L: PageLists> SplitKernel<'_, T, L> {
         self.run_portable(task, scratch, partial)
     }
 
+    /// `partial` holds the states of the task's kv heads, one `partial_stride` each.
     #[inline(always)]
     fn run_portable(&self, task: &SplitTask, scratch: &mut PageScratch, partial: &mut [f32]) {
+        let (inputs, lists) = (self.inputs, self.lists);
+        let g = &inputs.geometry;
+        let states = inputs.group * inputs.rows;
+        let stride = partial_stride(states, g.head_dim);
+        partial.fill(0.0);
+        for head_partial in partial.chunks_exact_mut(stride) {
+            head_partial[..states].fill(f32::NEG_INFINITY);
+        }
+        let table = inputs.tables.of(task.seq);
+        let heads = task.kv_heads();
+
+        for at in task.first_page..task.end_page {
+            if at + 1 < task.end_page {
+                // Pages are scattered blocks of a few KB, too short for the hardware prefetcher to
+                // ramp up on: ask for the next one while this one is computed. A dense task's heads
+                // share the page, whose pages for consecutive heads are one contiguous run.
+                let next = lists.entry(task.seq, task.kv_head, at + 1).page as usize;
+                if let Some(&block) = table.get(next) {
+                    let next_at = g.page_offset(block as usize, heads.start);
+                    let next_end = g.page_offset(block as usize, heads.end - 1) + g.page_len();
+                    prefetch(self.key_cache.get(next_at..next_end));
+                    prefetch(self.value_cache.get(next_at..next_end));
+                }
+            }
+            for (kv_head, head_partial) in heads.clone().zip(partial.chunks_exact_mut(stride)) {
+                let entry = lists.entry(task.seq, kv_head, at);
+                let state = split_partial(head_partial, states);
+                self.attend_page(task.seq, kv_head, entry, table, scratch, state);
+            }
+        }
+    }
+
+    /// Folds one page of one kv head into the online softmax of every (group head, row) using it.
+    #[inline(always)]
+    fn attend_page(
+        &self,
+        seq: usize,
+        kv_head: usize,
+        PageUse { page, rows: mask }: PageUse,
+        table: &[u32],
+        scratch: &mut PageScratch,
+        state: PartialView<'_>,
+    ) {
         let Self {
             inputs,
-            lists,
             key_cache,
             value_cache,
             scaled_queries,
             softcap,
+            ..
         } = *self;
         let g = &inputs.geometry;
         let (rows, head_dim, block_size) = (inputs.rows, g.head_dim, g.block_size);
-        let state = split_partial(partial, inputs.group * rows);
-        state.max.fill(f32::NEG_INFINITY);
-        state.sum.fill(0.0);
-        state.acc.fill(0.0);
-        let table = inputs.tables.of(task.seq);
+        let page_start = page as usize * block_size;
+        let uses_row = |row: usize| L::EVERY_ROW || (mask >> row) & 1 != 0;
+        // Causal limits grow with the row, so the last using row bounds what must be read:
+        // pages no using row can see are skipped without touching the cache.
+        let last_row = if L::EVERY_ROW {
+            rows - 1
+        } else if mask == 0 {
+            return;
+        } else {
+            (u32::BITS - 1 - mask.leading_zeros()) as usize
+        };
+        let page_tokens = inputs
+            .visible_tokens(seq, last_row)
+            .saturating_sub(page_start)
+            .min(block_size);
+        if page_tokens == 0 {
+            return;
+        }
+        let page_at = g.page_offset(table[page as usize] as usize, kv_head);
+        let page_range = page_at..page_at + g.page_len();
+        // Row-major copies, made once per page and shared by every head and row of the group,
+        // turn each score into a contiguous dot product and each value into a contiguous axpy.
+        let key_page = T::as_f32_slice(&key_cache[page_range.clone()], &mut scratch.key_staging);
+        g.key_page_to_rows(key_page, page_tokens, &mut scratch.key_rows);
+        let value_page = T::as_f32_slice(&value_cache[page_range], &mut scratch.value_staging);
+        g.value_page_to_rows(value_page, page_tokens, &mut scratch.value_rows);
 
-        for at in task.first_page..task.end_page {
-            let PageUse { page, rows: mask } = lists.entry(task.seq, task.kv_head, at);
-            if at + 1 < task.end_page {
-                // Pages are scattered blocks of a few KB, too short for the hardware prefetcher to
-                // ramp up on: ask for the next one while this one is computed.
-                let next = lists.entry(task.seq, task.kv_head, at + 1).page as usize;
-                if let Some(&block) = table.get(next) {
-                    let next_at = g.page_offset(block as usize, task.kv_head);
-                    prefetch(key_cache.get(next_at..next_at + g.page_len()));
-                    prefetch(value_cache.get(next_at..next_at + g.page_len()));
-                }
-            }
-            let page_start = page as usize * block_size;
-            let uses_row = |row: usize| L::EVERY_ROW || (mask >> row) & 1 != 0;
-            // Causal limits grow with the row, so the last using row bounds what must be read:
-            // pages no using row can see are skipped without touching the cache.
-            let last_row = if L::EVERY_ROW {
-                rows - 1
-            } else if mask == 0 {
-                continue;
-            } else {
-                (u32::BITS - 1 - mask.leading_zeros()) as usize
-            };
-            let page_tokens = inputs
-                .visible_tokens(task.seq, last_row)
+        for row in (0..rows).filter(|&row| uses_row(row)) {
+            let visible = inputs
+                .visible_tokens(seq, row)
                 .saturating_sub(page_start)
-                .min(block_size);
-            if page_tokens == 0 {
+                .min(page_tokens);
+            if visible == 0 {
                 continue;
             }
-            let page_at = g.page_offset(table[page as usize] as usize, task.kv_head);
-            let page_range = page_at..page_at + g.page_len();
-            // Row-major copies, made once per page and shared by every head and row of the group,
-            // turn each score into a contiguous dot product and each value into a contiguous axpy.
-            let key_page =
-                T::as_f32_slice(&key_cache[page_range.clone()], &mut scratch.key_staging);
-            g.key_page_to_rows(key_page, page_tokens, &mut scratch.key_rows);
-            let value_page = T::as_f32_slice(&value_cache[page_range], &mut scratch.value_staging);
-            g.value_page_to_rows(value_page, page_tokens, &mut scratch.value_rows);
-
-            for row in (0..rows).filter(|&row| uses_row(row)) {
-                let visible = inputs
-                    .visible_tokens(task.seq, row)
-                    .saturating_sub(page_start)
-                    .min(page_tokens);
-                if visible == 0 {
-                    continue;
+            for member in 0..inputs.group {
+                let head = kv_head * inputs.group + member;
+                let q_at = inputs.query_index(seq, row, head);
+                let q = &scaled_queries[q_at..q_at + head_dim];
+                let scores = &mut scratch.scores[..visible];
+                for (score, key) in scores
+                    .iter_mut()
+                    .zip(scratch.key_rows.chunks_exact(head_dim))
+                {
+                    *score = dot(q, key);
                 }
-                for member in 0..inputs.group {
-                    let head = task.kv_head * inputs.group + member;
-                    let q_at = inputs.query_index(task.seq, row, head);
-                    let q = &scaled_queries[q_at..q_at + head_dim];
-                    let scores = &mut scratch.scores[..visible];
-                    for (score, key) in scores
-                        .iter_mut()
-                        .zip(scratch.key_rows.chunks_exact(head_dim))
-                    {
-                        *score = dot(q, key);
-                    }
-                    if let Some(cap) = softcap {
-                        scores.iter_mut().for_each(|s| *s = cap * (*s / cap).tanh());
-                    }
-
-                    let s = member * rows + row;
-                    let acc = &mut state.acc[s * head_dim..(s + 1) * head_dim];
-                    let page_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let new_max = state.max[s].max(page_max);
-                    if state.sum[s] > 0.0 && new_max > state.max[s] {
-                        let rescale = (state.max[s] - new_max).exp();
-                        state.sum[s] *= rescale;
-                        acc.iter_mut().for_each(|a| *a *= rescale);
-                    }
-                    state.max[s] = new_max;
-                    let mut page_sum = 0f32;
-                    for (&score, value) in
-                        scores.iter().zip(scratch.value_rows.chunks_exact(head_dim))
-                    {
-                        let p = (score - new_max).exp();
-                        page_sum += p;
-                        axpy(acc, p, value);
-                    }
-                    state.sum[s] += page_sum;
+                if let Some(cap) = softcap {
+                    scores.iter_mut().for_each(|s| *s = cap * (*s / cap).tanh());
                 }
+
+                let s = member * rows + row;
+                let acc = &mut state.acc[s * head_dim..(s + 1) * head_dim];
+                let page_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let new_max = state.max[s].max(page_max);
+                if state.sum[s] > 0.0 && new_max > state.max[s] {
+                    let rescale = (state.max[s] - new_max).exp();
+                    state.sum[s] *= rescale;
+                    acc.iter_mut().for_each(|a| *a *= rescale);
+                }
+                state.max[s] = new_max;
+                let mut page_sum = 0f32;
+                for (&score, value) in
+                    scores.iter().zip(scratch.value_rows.chunks_exact(head_dim))
+                {
+                    let p = (score - new_max).exp();
+                    page_sum += p;
+                    axpy(acc, p, value);
+                }
+                state.sum[s] += page_sum;
             }
         }
     }
@@ -903,13 +956,15 @@ mod tests {
         let lens = [1000, 0, 37, 16];
         let plan = SplitPlan::new(&lens, 16, 3, 5);
         assert_eq!(plan.first_split, vec![0, 13, 13, 14, 15]);
-        assert_eq!(plan.tasks.len(), 15 * 3);
+        // Dense lists: one task per split walks all 3 kv heads.
+        assert_eq!(plan.heads_per_task, 3);
+        assert_eq!(plan.tasks.len(), 15);
         for (seq, &len) in lens.iter().enumerate() {
             for kv_head in 0..3 {
                 let mut pages: Vec<(usize, usize)> = plan
                     .tasks
                     .iter()
-                    .filter(|t| t.seq == seq && t.kv_head == kv_head)
+                    .filter(|t| t.seq == seq && t.kv_heads().contains(&kv_head))
                     .map(|t| (t.first_page, t.end_page))
                     .collect();
                 pages.sort();
@@ -923,7 +978,7 @@ mod tests {
             }
         }
         for (index, task) in plan.tasks.iter().enumerate() {
-            assert_eq!(index % 3, task.kv_head, "tasks are kv-head minor");
+            assert_eq!((task.kv_head, task.kv_head_count), (0, 3), "task {index}");
         }
     }
 
@@ -940,7 +995,7 @@ mod tests {
         }
         // Short contexts stay in one split rather than many tiny ones.
         let pages_per_split = SplitPlan::auto_pages_per_split(&[40], 16, 3, 64);
-        assert_eq!(SplitPlan::new(&[40], 16, 3, pages_per_split).tasks.len(), 3);
+        assert_eq!(SplitPlan::new(&[40], 16, 3, pages_per_split).tasks.len(), 1);
     }
 
     #[test]

@@ -304,7 +304,14 @@ fn all_pages_selection_equals_paged_decode_and_dense_lse() {
         )
         .unwrap();
         let what = format!("{dtype:?} block {block_size} heads {heads}/{kv_heads} rows {rows}");
-        assert_close(&to_f32_vec(&got.out), &to_f32_vec(&dense), 1e-6, &what);
+        // Dense tasks walk every kv head and so split the pages differently: the f32 sums agree to
+        // rounding, which can move a 16-bit output by one unit in the last place.
+        let tol = match dtype {
+            DType::F16 => 1e-3,
+            DType::BF16 => 8e-3,
+            _ => 1e-6,
+        };
+        assert_close(&to_f32_vec(&got.out), &to_f32_vec(&dense), tol, &what);
         let (_, dense_lse) = dense_attention(&batch, &query, 0.125, softcap, |_, _, _, _| true);
         assert_lse_close(&got.lse, &dense_lse, 1e-5, &what);
     }
