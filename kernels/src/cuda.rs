@@ -358,11 +358,19 @@ pub fn retro_row_masks(plan: &DevicePlan, selection: &mut Selection, seen: &Tens
     Ok(())
 }
 
-/// Dynamic shared memory of the decode kernel (see the layout in selected_decode.cu).
+/// Dynamic shared memory of the decode kernel (see the layouts in selected_decode.cu).
 fn decode_smem(dtype: DType, head_dim: usize, block_size: usize, maxq: usize) -> usize {
     // decode_stages() in selected_decode.cu: pages of K and V in shared memory at once.
     let stages = if dtype == DType::F32 { 2 } else { 3 };
-    stages * 2 * head_dim * block_size * dtype.size_in_bytes() + (maxq * head_dim + maxq * block_size + 3 * maxq) * 4
+    let pages = stages * 2 * head_dim * block_size * dtype.size_in_bytes();
+    if dtype == DType::F32 {
+        // selected_decode_fma: f32 queries [maxq][d], probabilities [maxq][bs], three [maxq] rows.
+        pages + (maxq * head_dim + maxq * block_size + 3 * maxq) * 4
+    } else {
+        // selected_decode_mma: queries padded to 16-row tiles, rows padded by 8 (bank conflicts).
+        let rows = maxq.div_ceil(16) * 16;
+        pages + rows * (head_dim + 8) * 2 + (rows * (block_size + 8) + 3 * rows) * 4
+    }
 }
 
 /// Sparse decode attention of `query [batch * rows, heads, head_dim]` over the selection: row r of
