@@ -16,12 +16,23 @@
 
 // grid: (ceil(max_pages / (WARPS * PAGES_PER_WARP)), kv_heads, batch); block: 32 * WARPS.
 // The block's GQA queries (newest row) are staged once in shared memory as f32; each warp then scores
-// PAGES_PER_WARP pages, lane l reading channels 4l.. of the bounds with 16-byte loads.
+// PAGES_PER_WARP pages, lane l reading channels 4l.. of the bounds (in the cache's dtype) at once.
 constexpr int SCORE_PAGES_PER_WARP = 8;
 constexpr int SCORE_MAX_QUERY_FLOATS = 8 * 256;  // GQA group <= 8, head_dim <= 256
 
+// Four consecutive channels of a page bound, as f32 (one 16-byte load for f32, 8 bytes for 16-bit).
+__device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+template <typename T2, typename T>
+__device__ __forceinline__ float4 load4_16(const T* p) {
+  const uint2 raw = *reinterpret_cast<const uint2*>(p);
+  const T2* v = reinterpret_cast<const T2*>(&raw);
+  return make_float4(to_f32(v[0].x), to_f32(v[0].y), to_f32(v[1].x), to_f32(v[1].y));
+}
+__device__ __forceinline__ float4 load4(const __half* p) { return load4_16<__half2>(p); }
+__device__ __forceinline__ float4 load4(const __nv_bfloat16* p) { return load4_16<__nv_bfloat162>(p); }
+
 template <typename T, int WARPS>
-__device__ void score_pages(const T* __restrict__ queries, const float* __restrict__ bounds,
+__device__ void score_pages(const T* __restrict__ queries, const T* __restrict__ bounds,
                             const uint32_t* __restrict__ block_tables, int max_blocks_per_seq,
                             const uint32_t* __restrict__ context_lens, int rows, int heads,
                             int kv_heads, int head_dim, int block_size,
@@ -45,12 +56,12 @@ __device__ void score_pages(const T* __restrict__ queries, const float* __restri
       if (lane == 0) out[page] = INFINITY;
       continue;
     }
-    const float* lo = bounds + ((int64_t)table[page] * kv_heads + h) * 2 * head_dim;
-    const float* hi = lo + head_dim;
+    const T* lo = bounds + ((int64_t)table[page] * kv_heads + h) * 2 * head_dim;
+    const T* hi = lo + head_dim;
     float acc = 0.f;
     for (int d = 4 * lane; d < head_dim; d += 128) {
-      const float4 l4 = *reinterpret_cast<const float4*>(lo + d);
-      const float4 h4 = *reinterpret_cast<const float4*>(hi + d);
+      const float4 l4 = load4(lo + d);
+      const float4 h4 = load4(hi + d);
       for (int g = 0; g < group; ++g) {
         const float4 q4 = *reinterpret_cast<const float4*>(q_s + g * head_dim + d);
         acc += fmaxf(q4.x * l4.x, q4.x * h4.x) + fmaxf(q4.y * l4.y, q4.y * h4.y) +
@@ -65,7 +76,7 @@ __device__ void score_pages(const T* __restrict__ queries, const float* __restri
 
 #define RETRO_SCORE(T, NAME)                                                                     \
   extern "C" __global__ void score_pages_##NAME(                                                 \
-      const T* queries, const float* bounds, const uint32_t* block_tables,                      \
+      const T* queries, const T* bounds, const uint32_t* block_tables,                          \
       int max_blocks_per_seq, const uint32_t* context_lens, int rows, int heads, int kv_heads,   \
       int head_dim, int block_size, float* scores, int max_pages) {                              \
     score_pages<T, 4>(queries, bounds, block_tables, max_blocks_per_seq, context_lens, rows,    \

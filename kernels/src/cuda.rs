@@ -147,14 +147,15 @@ pub fn cache_geometry(key_cache: &Tensor, value_cache: &Tensor) -> Result<(usize
     Ok((blocks, kv_heads, head_dim, block_size))
 }
 
-/// Recompute the page bounds (`f32 [num_blocks, kv_heads, 2, head_dim]`, min then max) of every
-/// block `slot_mapping` (i64, -1 = no write) touches, from the key cache. Run after each cache write.
+/// Recompute the page bounds (`[num_blocks, kv_heads, 2, head_dim]` in the cache's dtype, min then
+/// max: exact, a min or max of cache values is a cache value) of every block `slot_mapping` (i64,
+/// -1 = no write) touches, from the key cache. Run after each cache write.
 pub fn refresh_page_bounds(key_cache: &Tensor, slot_mapping: &Tensor, bounds: &Tensor) -> Result<()> {
     let dev = cuda_device(key_cache, "key_cache")?;
     let (blocks, kv_heads, chunks, block_size, x) = key_cache.dims5()?;
     let head_dim = chunks * x;
     check_dims(bounds, &[blocks, kv_heads, 2, head_dim], "page bounds")?;
-    check_dtype(bounds, DType::F32, "page bounds")?;
+    check_dtype(bounds, key_cache.dtype(), "page bounds")?;
     check_dtype(slot_mapping, DType::I64, "slot_mapping")?;
     let slots = slot_mapping.elem_count();
     if slots == 0 {
@@ -172,7 +173,7 @@ pub fn refresh_page_bounds(key_cache: &Tensor, slot_mapping: &Tensor, bounds: &T
         ($t:ty) => {{
             let k = view::<$t>(&ks, kl, "key_cache")?;
             let s = view::<i64>(&ss, sl, "slot_mapping")?;
-            let o = view::<f32>(&bs, bl, "page bounds")?;
+            let o = view::<$t>(&bs, bl, "page bounds")?;
             b.arg(&k).arg(&s).arg(&o).arg(&kv_heads_i).arg(&head_dim_i).arg(&block_size_i).arg(&blocks_i);
             unsafe { b.launch(launch1d((slots as u32, kv_heads as u32, 1), head_dim.min(128) as u32, 0)) }.w()?;
         }};
@@ -216,7 +217,8 @@ pub struct Selection {
 
 /// Quest's selection for every (sequence, KV head): the first and last page plus the top pages
 /// by page bound for the newest query row, `budget_pages` in all (every page when the budget covers
-/// them). `queries [batch * rows, heads, head_dim]`, `block_tables` u32 `[batch, max_blocks]`.
+/// them). `queries [batch * rows, heads, head_dim]`, `bounds` in the queries' (the cache's) dtype,
+/// `block_tables` u32 `[batch, max_blocks]`.
 pub fn select_pages(plan: &DevicePlan, queries: &Tensor, bounds: &Tensor, block_tables: &Tensor) -> Result<Selection> {
     let p = &plan.plan;
     let dev = cuda_device(queries, "queries")?;
@@ -236,6 +238,7 @@ pub fn select_pages(plan: &DevicePlan, queries: &Tensor, bounds: &Tensor, block_
         bail!("retro-kernels: page bounds {:?} do not fit {} kv heads x head dim {head_dim}", bounds.dims(), p.kv_heads);
     }
     let _ = num_blocks;
+    check_dtype(bounds, queries.dtype(), "page bounds")?;
     check_dtype(block_tables, DType::U32, "block_tables")?;
     let (bt_rows, max_blocks) = block_tables.dims2()?;
     if bt_rows != p.batch || max_blocks < p.max_pages {
@@ -261,7 +264,6 @@ pub fn select_pages(plan: &DevicePlan, queries: &Tensor, bounds: &Tensor, block_
         let (ts, tl) = block_tables.storage_and_layout();
         let (cs, cl) = plan.context_lens.storage_and_layout();
         let (ss, sl) = scores.storage_and_layout();
-        let b_ = view::<f32>(&bs, bl, "page bounds")?;
         let t_ = view::<u32>(&ts, tl, "block_tables")?;
         let c_ = view::<u32>(&cs, cl, "context_lens")?;
         let s_ = view::<f32>(&ss, sl, "scores")?;
@@ -272,6 +274,7 @@ pub fn select_pages(plan: &DevicePlan, queries: &Tensor, bounds: &Tensor, block_
         macro_rules! go {
             ($t:ty) => {{
                 let q_ = view::<$t>(&qs, ql, "queries")?;
+                let b_ = view::<$t>(&bs, bl, "page bounds")?;
                 b.arg(&q_).arg(&b_).arg(&t_).arg(&ints[0]).arg(&c_).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&ints[4]).arg(&ints[5]).arg(&s_).arg(&ints[6]);
                 unsafe { b.launch(cfg) }.w()?;
             }};

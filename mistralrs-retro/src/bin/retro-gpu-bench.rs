@@ -6,7 +6,8 @@
 //! A sparse step is timed as the GPU runs it per layer: page scoring + top-k, (retro: row masks,)
 //! the fused decode and its split combine. Retro is timed at its worst case (every past row uses
 //! every selected page: most compute, same bytes). Bytes per step count what each kernel must
-//! read: K and V of the attended tokens, plus for the sparse policies every page's f32 bounds.
+//! read: K and V of the attended tokens, plus for the sparse policies every page's bounds (min and
+//! max, in the cache's dtype: bf16 here).
 //!
 //! Usage: `retro-gpu-bench [--quick] [--json FILE]` (one JSON record per line).
 
@@ -72,7 +73,7 @@ fn split_sweep(dev: &Device, scale: f32) -> Result<()> {
     let blocks = batch * pages;
     let key_cache = Tensor::randn(0f32, 1.0, (blocks, KV_HEADS, HEAD_DIM / x, BLOCK, x), dev)?.to_dtype(DType::BF16)?;
     let value_cache = Tensor::randn(0f32, 1.0, (blocks, KV_HEADS, HEAD_DIM, BLOCK), dev)?.to_dtype(DType::BF16)?;
-    let bounds = Tensor::zeros((blocks, KV_HEADS, 2, HEAD_DIM), DType::F32, dev)?;
+    let bounds = Tensor::zeros((blocks, KV_HEADS, 2, HEAD_DIM), DType::BF16, dev)?;
     let slots: Vec<i64> = (0..blocks as i64).map(|b| b * BLOCK as i64).collect();
     gpu::refresh_page_bounds(&key_cache, &Tensor::new(slots.as_slice(), dev)?, &bounds)?;
     let tables: Vec<u32> = (0..blocks as u32).collect();
@@ -157,7 +158,7 @@ fn main() -> Result<()> {
     let scale = 1.0 / (HEAD_DIM as f32).sqrt();
     let x = 16 / DType::BF16.size_in_bytes();
     let kv_token_bytes = (KV_HEADS * HEAD_DIM * 2 * 2) as f64; // K and V, bf16
-    let bound_page_bytes = (KV_HEADS * 2 * HEAD_DIM * 4) as f64; // f32 min and max
+    let bound_page_bytes = (KV_HEADS * 2 * HEAD_DIM * 2) as f64; // bf16 min and max
 
     // Work partition (target CUDA blocks, min pages per split): RETRO_SPLIT="blocks,pages" overrides.
     let split: (usize, usize) = std::env::var("RETRO_SPLIT")
@@ -186,7 +187,7 @@ fn main() -> Result<()> {
         // Random caches for the largest batch; smaller batches use the first sequences.
         let key_cache = Tensor::randn(0f32, 1.0, (num_blocks, KV_HEADS, HEAD_DIM / x, BLOCK, x), &dev)?.to_dtype(DType::BF16)?;
         let value_cache = Tensor::randn(0f32, 1.0, (num_blocks, KV_HEADS, HEAD_DIM, BLOCK), &dev)?.to_dtype(DType::BF16)?;
-        let bounds = Tensor::zeros((num_blocks, KV_HEADS, 2, HEAD_DIM), DType::F32, &dev)?;
+        let bounds = Tensor::zeros((num_blocks, KV_HEADS, 2, HEAD_DIM), DType::BF16, &dev)?;
         // Page summaries for every block, as a prefill would leave them (one slot per block suffices).
         let slots: Vec<i64> = (0..num_blocks as i64).map(|b| b * BLOCK as i64).collect();
         gpu::refresh_page_bounds(&key_cache, &Tensor::new(slots.as_slice(), &dev)?, &bounds)?;

@@ -197,7 +197,8 @@ fn run_case(case: &Case, rng: &mut Rng, gpu_dev: &Device, tally: &mut Tally) -> 
         .zip(&case.contexts)
         .flat_map(|(t, &c)| (0..c).map(move |tok| (t[tok / bs] as usize * bs + tok % bs) as i64))
         .collect();
-    let g_bounds = Tensor::full(f32::NAN, (num_blocks, kvh, 2, d), gpu_dev)?;
+    // In the cache's dtype, as the policies keep them; compared exactly with the CPU's f32 bounds.
+    let g_bounds = Tensor::full(f32::NAN, (num_blocks, kvh, 2, d), gpu_dev)?.to_dtype(case.dtype)?;
     gpu::refresh_page_bounds(&g_key, &Tensor::new(slots.as_slice(), gpu_dev)?, &g_bounds)?;
     let gb = to_f32(&g_bounds)?;
     let cpu_bounds = summaries.layer(0).clone();

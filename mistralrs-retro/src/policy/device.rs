@@ -29,12 +29,11 @@ const SPLIT_TARGET: (usize, usize) = (132 * 4, 4);
 /// Decode plans kept between layers of a step (see `DeviceSummaries::plans`).
 const PLANS_KEPT: usize = 2;
 
-/// Per layer, f32 `[num_blocks, kv_heads, 2, head_dim]`: each block's min and max key per channel.
+/// Per layer, `[num_blocks, kv_heads, 2, head_dim]` in the cache's dtype: each block's min and max
+/// key per channel (exact: a min or max of cache values is a cache value).
 pub struct DeviceSummaries {
     pub block_size: usize,
     pub kv_heads: usize,
-    pub head_dim: usize,
-    pub num_blocks: usize,
     layers: Vec<Tensor>,
     /// The step's decode plans, newest first: every sparse layer of a step asks for the same ones
     /// (vLLM-style metadata built once per step), so their per-sequence arrays are uploaded once.
@@ -56,13 +55,13 @@ impl DeviceSummaries {
         let layers = alloc
             .caches
             .iter()
-            .map(|(k, _)| Tensor::zeros((num_blocks, kv_heads, 2, head_dim), DType::F32, k.device()))
+            .map(|(k, _)| Tensor::zeros((num_blocks, kv_heads, 2, head_dim), k.dtype(), k.device()))
             .collect::<Result<_>>()?;
-        Ok(Self { block_size, kv_heads, head_dim, num_blocks, layers, plans: Mutex::new(Vec::with_capacity(PLANS_KEPT)) })
+        Ok(Self { block_size, kv_heads, layers, plans: Mutex::new(Vec::with_capacity(PLANS_KEPT)) })
     }
 
     pub fn bytes(&self) -> usize {
-        self.layers.len() * self.num_blocks * self.kv_heads * 2 * self.head_dim * 4
+        self.layers.iter().map(|b| b.elem_count() * b.dtype().size_in_bytes()).sum()
     }
 
     pub fn num_layers(&self) -> usize {
