@@ -679,10 +679,9 @@ impl<T: CacheElem, L: PageLists> SplitKernel<'_, T, L> {
         } else {
             (u32::BITS - 1 - mask.leading_zeros()) as usize
         };
-        let page_tokens = inputs
-            .visible_tokens(seq, last_row)
-            .saturating_sub(page_start)
-            .min(block_size);
+        // Tokens of this page a row can see; never more for an earlier row than for a later one.
+        let visible_in_page = |row: usize| inputs.visible_tokens(seq, row).saturating_sub(page_start).min(block_size);
+        let page_tokens = visible_in_page(last_row);
         if page_tokens == 0 {
             return;
         }
@@ -696,10 +695,7 @@ impl<T: CacheElem, L: PageLists> SplitKernel<'_, T, L> {
         g.value_page_to_rows(value_page, page_tokens, &mut scratch.value_rows);
 
         for row in (0..rows).filter(|&row| uses_row(row)) {
-            let visible = inputs
-                .visible_tokens(seq, row)
-                .saturating_sub(page_start)
-                .min(page_tokens);
+            let visible = visible_in_page(row);
             if visible == 0 {
                 continue;
             }
