@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const MODULES: &[&str] = &["page_summaries", "plan", "selected_decode"];
+const MODULES: &[&str] = &["page_summaries", "plan", "prompt_attention", "selected_decode"];
 
 fn main() {
     println!("cargo:rerun-if-changed=cuda");
