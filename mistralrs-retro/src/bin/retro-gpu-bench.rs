@@ -140,6 +140,26 @@ struct Record {
     gbps: f64,
 }
 
+/// The prompt (prefill) kernel, Llama-3.1-8B's attention layout, one layer: ms per prompt and the
+/// tensor-core rate it reaches (causal FLOPs: 2 products x n(n+1)/2 pairs x head dim x 2 per
+/// multiply-add, per query head).
+fn prompt_bench(dev: &Device, scale: f32, quick: bool) -> Result<()> {
+    println!("\nprompt attention (causal, 32 query / 8 KV heads, head dim 128, bf16), ms per layer");
+    println!("| prompt tokens | ms | TFLOP/s |");
+    println!("|---|---|---|");
+    let lengths: &[usize] = if quick { &[8192] } else { &[2048, 8192, 32768, 131072] };
+    for &n in lengths {
+        let q = Tensor::randn(0f32, 1.0, (1, HEADS, n, HEAD_DIM), dev)?.to_dtype(DType::BF16)?;
+        let k = Tensor::randn(0f32, 1.0, (1, KV_HEADS, n, HEAD_DIM), dev)?.to_dtype(DType::BF16)?;
+        let v = Tensor::randn(0f32, 1.0, (1, KV_HEADS, n, HEAD_DIM), dev)?.to_dtype(DType::BF16)?;
+        let iters = if n > 32768 { 3 } else { 10 };
+        let ms = 1e3 * time(dev, iters, || Ok(gpu::causal_prompt_attention(&q, &k, &v, scale).map(|_| ())?))?;
+        let flops = 4.0 * (n as f64) * (n as f64 + 1.0) / 2.0 * HEAD_DIM as f64 * HEADS as f64;
+        println!("| {n} | {ms:.3} | {:.0} |", flops / (ms * 1e-3) / 1e12);
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
@@ -276,6 +296,7 @@ fn main() -> Result<()> {
         }
         drop((key_cache, value_cache, bounds));
     }
+    prompt_bench(&dev, scale, quick)?;
     if let Some(path) = json_path {
         let mut f = std::fs::File::create(&path).with_context(|| format!("cannot write {path}"))?;
         writeln!(f, "{{\"kind\":\"copy\",\"gbps\":{:.1}}}", copy_bw / 1e9)?;

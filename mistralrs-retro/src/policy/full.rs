@@ -64,6 +64,7 @@ impl KvPolicy for FullPolicy {
                 alloc.block_size,
                 alloc.dtype,
             );
+            super::log_prompt_attention("full", key_cache.device());
         }
         Ok(())
     }
@@ -97,7 +98,7 @@ impl KvPolicy for FullPolicy {
     }
 
     fn prompt_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f32) -> Result<Option<Tensor>> {
-        super::cpu_prompt_attention(q, k, v, softmax_scale)
+        super::prompt_attention(q, k, v, softmax_scale)
     }
 
     fn gather_kv(&self, _batch: &BatchInfo<'_>, gather: &GatherKv<'_>) -> Result<Option<(Tensor, Tensor)>> {

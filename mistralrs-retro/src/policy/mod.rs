@@ -149,16 +149,60 @@ impl PolicyConfig {
     }
 }
 
-/// Every policy's prompt attention on CPU (patch 0009's hook): our tiled causal kernel
-/// (`cpu::causal_prompt_attention`) instead of upstream's row-at-a-time loop. The result differs from
-/// upstream's by float reassociation only. RETRO_CPU_PROMPT_ATTENTION=upstream keeps upstream's, for
-/// side-by-side benches.
-pub(crate) fn cpu_prompt_attention(q: &candle_core::Tensor, k: &candle_core::Tensor, v: &candle_core::Tensor, softmax_scale: f32) -> candle_core::Result<Option<candle_core::Tensor>> {
-    static UPSTREAM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if *UPSTREAM.get_or_init(|| std::env::var("RETRO_CPU_PROMPT_ATTENTION").is_ok_and(|v| v == "upstream")) {
-        return Ok(None);
+/// Every policy's prompt attention (patch 0009's hook) for a prompt of one sequence:
+/// - on CPU, our tiled causal kernel (`cpu::causal_prompt_attention`) instead of upstream's
+///   row-at-a-time loop, for every policy. The result differs from upstream's by float
+///   reassociation only. RETRO_CPU_PROMPT_ATTENTION=upstream keeps upstream's, for side-by-side
+///   benches.
+/// - on CUDA, only with RETRO_CUDA_PROMPT_ATTENTION=1 (opt-in: it has not been run end to end yet,
+///   and without it `full` stays exactly what upstream produces), our tensor-core kernel
+///   (`retro_kernels::cuda::causal_prompt_attention`, checked against the CPU's by retro-gpu-check)
+///   instead of upstream's SDPA without flash-attn, which materializes the score matrix (a 32K prompt
+///   ~44 s on the H200, 128K out of reach). Every policy, so long-context runs compare like with like.
+pub(crate) fn prompt_attention(
+    q: &candle_core::Tensor,
+    k: &candle_core::Tensor,
+    v: &candle_core::Tensor,
+    softmax_scale: f32,
+) -> candle_core::Result<Option<candle_core::Tensor>> {
+    if q.device().is_cpu() {
+        static UPSTREAM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if *UPSTREAM.get_or_init(|| std::env::var("RETRO_CPU_PROMPT_ATTENTION").is_ok_and(|v| v == "upstream")) {
+            return Ok(None);
+        }
+        return crate::cpu::causal_prompt_attention(q, k, v, softmax_scale).map(Some);
     }
-    crate::cpu::causal_prompt_attention(q, k, v, softmax_scale).map(Some)
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() && cuda_prompt_attention_enabled() {
+        let d = q.dim(candle_core::D::Minus1)?;
+        if matches!(q.dtype(), candle_core::DType::F16 | candle_core::DType::BF16) && matches!(d, 64 | 128) {
+            return retro_kernels::cuda::causal_prompt_attention(q, k, v, softmax_scale).map(Some);
+        }
+    }
+    Ok(None)
+}
+
+/// Which prompt attention a policy's CUDA prompts get, in the startup log.
+pub(crate) fn log_prompt_attention(policy: &str, device: &candle_core::Device) {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        tracing::info!(
+            "kv-policy={policy}: CUDA prompt attention: {}",
+            if cuda_prompt_attention_enabled() {
+                "ours (tensor-core causal kernel; RETRO_CUDA_PROMPT_ATTENTION=1)"
+            } else {
+                "upstream's (RETRO_CUDA_PROMPT_ATTENTION=1 for ours)"
+            }
+        );
+    }
+    let _ = (policy, device);
+}
+
+/// RETRO_CUDA_PROMPT_ATTENTION=1: CUDA prompts use our prefill kernel (every policy).
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda_prompt_attention_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("RETRO_CUDA_PROMPT_ATTENTION").is_ok_and(|v| v == "1"))
 }
 
 /// Largest row count of a CPU linear layer computed row by row under the sparse policies: above

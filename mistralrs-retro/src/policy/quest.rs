@@ -276,6 +276,7 @@ impl QuestPolicy {
             alloc.dtype,
             summaries.bytes() as f64 / 1e6
         );
+        super::log_prompt_attention(policy, key_cache.device());
         *self.summaries.write().expect("lock poisoned") = Some(summaries);
         Ok(())
     }
@@ -349,7 +350,7 @@ impl KvPolicy for QuestPolicy {
     }
 
     fn prompt_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f32) -> Result<Option<Tensor>> {
-        super::cpu_prompt_attention(q, k, v, softmax_scale)
+        super::prompt_attention(q, k, v, softmax_scale)
     }
 
     /// Prefix-cache gathers read whole sequences: on CUDA, upstream's kernel.

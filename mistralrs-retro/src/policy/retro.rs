@@ -735,7 +735,7 @@ impl KvPolicy for RetroPolicy {
     }
 
     fn prompt_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f32) -> Result<Option<Tensor>> {
-        super::cpu_prompt_attention(q, k, v, softmax_scale)
+        super::prompt_attention(q, k, v, softmax_scale)
     }
 
     fn gather_kv(&self, batch: &BatchInfo<'_>, gather: &GatherKv<'_>) -> Result<Option<(Tensor, Tensor)>> {
