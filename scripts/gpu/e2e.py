@@ -173,7 +173,7 @@ def words_prompt(n_tokens, seed, tokenizer):
     return tokenizer.decode(ids[:n_tokens])
 
 
-def measure(port, prompts, window_s, max_tokens):
+def measure(port, prompts, window_s, max_tokens, stagger_s=0.2):
     stop = threading.Event()
     times = [[] for _ in prompts]
     results = [{} for _ in prompts]
@@ -183,7 +183,11 @@ def measure(port, prompts, window_s, max_tokens):
         th = threading.Thread(target=stream, args=(port, p, max_tokens, times[i], stop, results[i]), daemon=True)
         th.start()
         threads.append(th)
-        time.sleep(0.2)  # arrive one after another: prefills one at a time, as a server sees them
+        # Staggered: requests arrive one after another and prefill one at a time, as a server sees
+        # them, so the streams decode at different lengths. --together (stagger 0): equal-length
+        # prompts sent at once stay in lockstep, which upstream's length-bucketed scheduler needs to
+        # batch `full`'s decode at all.
+        time.sleep(stagger_s)
     while any(len(t) == 0 for t in times):
         if any("error" in r for r in results) or all(not th.is_alive() for th in threads):
             break
@@ -224,12 +228,13 @@ def run(args):
             for ctx in args.contexts:
                 for b in args.batches:
                     prompts = [words_prompt(ctx, 1000 * ctx + i, tok) for i in range(b)]
-                    m = measure(args.port, prompts, args.window, args.max_tokens)
+                    m = measure(args.port, prompts, args.window, args.max_tokens, 0.0 if args.together else 0.2)
                     rec = {"kind": "e2e", "model": model, "policy": name, "context": ctx, "batch": b, "budget": args.budget,
                            "window": int(dict(e.split("=", 1) for e in extra if "=" in e).get("--kv-window", 2 if name == "retro" else 1)),
                            "flags": extra,
                            "ms": 1e3 * b / m["tok_s"] if m["tok_s"] else None, "gbps": None, "tok_s": m["tok_s"],
-                           "prefill_s": m["prefill_s"], "errors": m["errors"], "finished_early": m["finished_early"]}
+                           "prefill_s": m["prefill_s"], "together": args.together,
+                           "prompt_kernel": os.environ.get("RETRO_CUDA_PROMPT_ATTENTION") == "1", "errors": m["errors"], "finished_early": m["finished_early"]}
                     rows.append(rec)
                     jsonl.write(json.dumps(rec) + "\n")
                     jsonl.flush()
@@ -311,6 +316,7 @@ def main():
     ap.add_argument("--window", type=float, default=10.0)
     ap.add_argument("--max-tokens", type=int, default=4000)
     ap.add_argument("--port", type=int, default=18123)
+    ap.add_argument("--together", action="store_true", help="send a batch's requests at once, not 0.2 s apart")
     args = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
     if args.what == "gen":

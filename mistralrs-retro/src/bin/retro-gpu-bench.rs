@@ -9,7 +9,8 @@
 //! read: K and V of the attended tokens, plus for the sparse policies every page's bounds (min and
 //! max, in the cache's dtype: bf16 here).
 //!
-//! Usage: `retro-gpu-bench [--quick] [--json FILE]` (one JSON record per line).
+//! Usage: `retro-gpu-bench [--quick] [--prompt-only] [--json FILE]` (one JSON record per line;
+//! `--prompt-only`: just the prompt-attention table).
 
 use std::io::Write;
 use std::time::Instant;
@@ -166,6 +167,9 @@ fn main() -> Result<()> {
     let json_path = args.iter().position(|a| a == "--json").and_then(|i| args.get(i + 1)).cloned();
     let dev = Device::new_cuda(0).context("no CUDA device")?;
     let iters = if quick { 5 } else { 20 };
+    if args.iter().any(|a| a == "--prompt-only") {
+        return prompt_bench(&dev, 1.0 / (HEAD_DIM as f32).sqrt(), quick);
+    }
 
     let copy_bw = copy_bandwidth(&dev)?;
     println!("copy bandwidth: {:.0} GB/s (read + write)", copy_bw / 1e9);

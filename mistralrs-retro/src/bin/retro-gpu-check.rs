@@ -11,7 +11,8 @@
 //! against one row at a time, bit for bit (`--replay-rows` runs only these two, `--gemv` the last),
 //! and an unquantized layer fed `[batch, rows, k]` with the batch folded into its rows (patch
 //! mistralrs-quant/0004) against the same layer unfolded (`--gemv` runs it too). The tensor-core
-//! prompt (prefill) kernel is checked against `cpu::causal_prompt_attention` on ragged prompts.
+//! prompt (prefill) kernel is checked against `cpu::causal_prompt_attention` on ragged prompts
+//! (`--prompt` runs only that check).
 //!
 //! Built on the CPU machine with `--features cuda`, run on the GPU machine: `scripts/gpu/check.sh`.
 
@@ -650,6 +651,7 @@ fn main() -> ExitCode {
     let quick = std::env::args().any(|a| a == "--quick");
     let replay_rows_only = std::env::args().any(|a| a == "--replay-rows");
     let gemv_only = std::env::args().any(|a| a == "--gemv");
+    let prompt_only = std::env::args().any(|a| a == "--prompt");
     let seed = std::env::var("RETRO_GPU_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_u64);
     let gpu_dev = match Device::new_cuda(0) {
         Ok(d) => d,
@@ -659,7 +661,7 @@ fn main() -> ExitCode {
         }
     };
     let mut rng = Rng::new(seed);
-    let all = if replay_rows_only || gemv_only { Vec::new() } else { cases(&mut rng, quick) };
+    let all = if replay_rows_only || gemv_only || prompt_only { Vec::new() } else { cases(&mut rng, quick) };
     let mut tally = Tally::default();
     let started = std::time::Instant::now();
     for (i, case) in all.iter().enumerate() {
@@ -670,12 +672,14 @@ fn main() -> ExitCode {
     }
     eprintln!();
     println!("seed {seed:#x}, {} cases in {:.1} s", all.len(), started.elapsed().as_secs_f64());
-    println!("| kernel | dtype | checks | max rel. error (out) | max lse abs. error | tie swaps |");
-    println!("|---|---|---|---|---|---|");
-    for (kernel, dtype, n, rel, lse, swaps) in &tally.rows {
-        println!("| {kernel} | {dtype:?} | {n} | {rel:.2e} | {lse:.2e} | {swaps} |");
+    if !all.is_empty() {
+        println!("| kernel | dtype | checks | max rel. error (out) | max lse abs. error | tie swaps |");
+        println!("|---|---|---|---|---|---|");
+        for (kernel, dtype, n, rel, lse, swaps) in &tally.rows {
+            println!("| {kernel} | {dtype:?} | {n} | {rel:.2e} | {lse:.2e} | {swaps} |");
+        }
     }
-    match if gemv_only { Ok(Vec::new()) } else { check_replay_rows(&mut rng, &gpu_dev) } {
+    match if gemv_only || prompt_only { Ok(Vec::new()) } else { check_replay_rows(&mut rng, &gpu_dev) } {
         Ok(f) => tally.failures.extend(f),
         Err(e) => tally.failures.push(format!("quantized matmul check: error: {e:#}")),
     }
@@ -683,11 +687,11 @@ fn main() -> ExitCode {
         Ok(f) => tally.failures.extend(f),
         Err(e) => tally.failures.push(format!("prompt attention check: error: {e:#}")),
     }
-    match check_gemv_rows(&mut rng, &gpu_dev) {
+    match if prompt_only { Ok(Vec::new()) } else { check_gemv_rows(&mut rng, &gpu_dev) } {
         Ok(f) => tally.failures.extend(f),
         Err(e) => tally.failures.push(format!("GEMV check: error: {e:#}")),
     }
-    match check_fold_batch_rows(&mut rng, &gpu_dev) {
+    match if prompt_only { Ok(Vec::new()) } else { check_fold_batch_rows(&mut rng, &gpu_dev) } {
         Ok(f) => tally.failures.extend(f),
         Err(e) => tally.failures.push(format!("batch-fold check: error: {e:#}")),
     }

@@ -98,7 +98,10 @@ impl KvPolicy for FullPolicy {
     }
 
     fn prompt_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f32) -> Result<Option<Tensor>> {
-        super::prompt_attention(q, k, v, softmax_scale)
+        super::prompt_attention(super::PolicyKind::Full, q, k, v, softmax_scale)
+    }
+    fn prompt_attention_replaces_mask(&self, device: &candle_core::Device) -> bool {
+        super::prompt_attention_replaces_mask(super::PolicyKind::Full, device)
     }
 
     fn gather_kv(&self, _batch: &BatchInfo<'_>, gather: &GatherKv<'_>) -> Result<Option<(Tensor, Tensor)>> {

@@ -149,60 +149,99 @@ impl PolicyConfig {
     }
 }
 
-/// Every policy's prompt attention (patch 0009's hook) for a prompt of one sequence:
-/// - on CPU, our tiled causal kernel (`cpu::causal_prompt_attention`) instead of upstream's
-///   row-at-a-time loop, for every policy. The result differs from upstream's by float
-///   reassociation only. RETRO_CPU_PROMPT_ATTENTION=upstream keeps upstream's, for side-by-side
-///   benches.
-/// - on CUDA, only with RETRO_CUDA_PROMPT_ATTENTION=1 (opt-in: it has not been run end to end yet,
-///   and without it `full` stays exactly what upstream produces), our tensor-core kernel
-///   (`retro_kernels::cuda::causal_prompt_attention`, checked against the CPU's by retro-gpu-check)
-///   instead of upstream's SDPA without flash-attn, which materializes the score matrix (a 32K prompt
-///   ~44 s on the H200, 128K out of reach). Every policy, so long-context runs compare like with like.
+/// Every policy's prompt attention (patch 0009's hook) for a batch of prompts with nothing cached:
+/// - on CPU, for a batch of one prompt, our tiled causal kernel (`cpu::causal_prompt_attention`)
+///   instead of upstream's row-at-a-time loop, for every policy. The result differs from upstream's
+///   by float reassociation only. RETRO_CPU_PROMPT_ATTENTION=upstream keeps upstream's, for
+///   side-by-side benches.
+/// - on CUDA, our tensor-core kernel (`retro_kernels::cuda::causal_prompt_attention`, checked
+///   against the CPU's by retro-gpu-check) instead of upstream's SDPA without flash-attn, which
+///   materializes the score matrix (a 32K prompt 44 s on the H200 against 3 s, 128K out of reach):
+///   for `quest` and `retro` by default, for `full` only with RETRO_CUDA_PROMPT_ATTENTION=1 (so by
+///   default `full` stays exactly what upstream produces; `=1` makes long-context runs compare like
+///   with like), for none with `=0` ([`cuda_prompt_attention_enabled`]). A batch of prompts (padded
+///   at the end, masked causally only) runs prompt by prompt, and the model builds no causal mask for
+///   it ([`prompt_attention_replaces_mask`]).
 pub(crate) fn prompt_attention(
+    kind: PolicyKind,
     q: &candle_core::Tensor,
     k: &candle_core::Tensor,
     v: &candle_core::Tensor,
     softmax_scale: f32,
 ) -> candle_core::Result<Option<candle_core::Tensor>> {
+    #[cfg(not(feature = "cuda"))]
+    let _ = kind;
     if q.device().is_cpu() {
         static UPSTREAM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        if *UPSTREAM.get_or_init(|| std::env::var("RETRO_CPU_PROMPT_ATTENTION").is_ok_and(|v| v == "upstream")) {
+        if q.dim(0)? != 1 || *UPSTREAM.get_or_init(|| std::env::var("RETRO_CPU_PROMPT_ATTENTION").is_ok_and(|v| v == "upstream")) {
             return Ok(None);
         }
         return crate::cpu::causal_prompt_attention(q, k, v, softmax_scale).map(Some);
     }
     #[cfg(feature = "cuda")]
-    if q.device().is_cuda() && cuda_prompt_attention_enabled() {
+    if q.device().is_cuda() && cuda_prompt_attention_enabled(kind) {
         let d = q.dim(candle_core::D::Minus1)?;
         if matches!(q.dtype(), candle_core::DType::F16 | candle_core::DType::BF16) && matches!(d, 64 | 128) {
-            return retro_kernels::cuda::causal_prompt_attention(q, k, v, softmax_scale).map(Some);
+            let batch = q.dim(0)?;
+            if batch == 1 {
+                return retro_kernels::cuda::causal_prompt_attention(q, k, v, softmax_scale).map(Some);
+            }
+            let one = |t: &candle_core::Tensor, b| t.narrow(0, b, 1);
+            let outs = (0..batch)
+                .map(|b| retro_kernels::cuda::causal_prompt_attention(&one(q, b)?, &one(k, b)?, &one(v, b)?, softmax_scale))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            return candle_core::Tensor::cat(&outs, 0).map(Some);
         }
     }
     Ok(None)
+}
+
+/// Patch 0009's question: does [`prompt_attention`] mask every causal prompt on `device` by
+/// itself, so the model can skip building the `[n, n]` mask? Only on CUDA where our kernel is on: a
+/// 128K prompt's mask is 32 GB and past candle's 32-bit element indexing. (Where our kernel then
+/// declines a prompt, f32 or another head size, the hook builds upstream's mask after all.)
+pub(crate) fn prompt_attention_replaces_mask(kind: PolicyKind, device: &candle_core::Device) -> bool {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        return cuda_prompt_attention_enabled(kind);
+    }
+    let _ = (kind, device);
+    false
 }
 
 /// Which prompt attention a policy's CUDA prompts get, in the startup log.
 pub(crate) fn log_prompt_attention(policy: &str, device: &candle_core::Device) {
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
+        let kind = PolicyKind::from_name(policy).unwrap_or(PolicyKind::Full);
         tracing::info!(
             "kv-policy={policy}: CUDA prompt attention: {}",
-            if cuda_prompt_attention_enabled() {
-                "ours (tensor-core causal kernel; RETRO_CUDA_PROMPT_ATTENTION=1)"
-            } else {
-                "upstream's (RETRO_CUDA_PROMPT_ATTENTION=1 for ours)"
+            match (cuda_prompt_attention_enabled(kind), kind) {
+                (true, PolicyKind::Full) => "ours (tensor-core causal kernel; RETRO_CUDA_PROMPT_ATTENTION=1)",
+                (true, _) => "ours (tensor-core causal kernel; RETRO_CUDA_PROMPT_ATTENTION=0 for upstream's)",
+                (false, PolicyKind::Full) => "upstream's (RETRO_CUDA_PROMPT_ATTENTION=1 for ours; without flash-attn a 32K prompt takes ~44 s on an H200 and 64K or more fail)",
+                (false, _) => "upstream's (RETRO_CUDA_PROMPT_ATTENTION=0)",
             }
         );
     }
     let _ = (policy, device);
 }
 
-/// RETRO_CUDA_PROMPT_ATTENTION=1: CUDA prompts use our prefill kernel (every policy).
+/// RETRO_CUDA_PROMPT_ATTENTION: unset, our CUDA prefill kernel for `quest` and `retro`; `1`, for
+/// every policy; `0`, for none. Another value is reported and ignored.
 #[cfg(feature = "cuda")]
-pub(crate) fn cuda_prompt_attention_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("RETRO_CUDA_PROMPT_ATTENTION").is_ok_and(|v| v == "1"))
+pub(crate) fn cuda_prompt_attention_enabled(kind: PolicyKind) -> bool {
+    static SETTING: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    let setting = *SETTING.get_or_init(|| match std::env::var("RETRO_CUDA_PROMPT_ATTENTION") {
+        Ok(v) if v == "1" => Some(true),
+        Ok(v) if v == "0" => Some(false),
+        Ok(v) => {
+            tracing::warn!("RETRO_CUDA_PROMPT_ATTENTION={v:?} is neither 0 nor 1: ignored (quest and retro use our CUDA prompt kernel, full upstream's)");
+            None
+        }
+        Err(_) => None,
+    });
+    setting.unwrap_or(kind != PolicyKind::Full)
 }
 
 /// Largest row count of a CPU linear layer computed row by row under the sparse policies: above

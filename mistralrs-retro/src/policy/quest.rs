@@ -350,7 +350,10 @@ impl KvPolicy for QuestPolicy {
     }
 
     fn prompt_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f32) -> Result<Option<Tensor>> {
-        super::prompt_attention(q, k, v, softmax_scale)
+        super::prompt_attention(super::PolicyKind::Quest, q, k, v, softmax_scale)
+    }
+    fn prompt_attention_replaces_mask(&self, device: &candle_core::Device) -> bool {
+        super::prompt_attention_replaces_mask(super::PolicyKind::Quest, device)
     }
 
     /// Prefix-cache gathers read whole sequences: on CUDA, upstream's kernel.
