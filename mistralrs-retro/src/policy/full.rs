@@ -71,6 +71,7 @@ impl KvPolicy for FullPolicy {
 
     fn write_kv(&self, batch: &BatchInfo<'_>, write: &CacheWrite<'_>) -> Result<bool> {
         super::note_write(batch);
+        super::step_timing::cache_written(batch, write.key_cache.device())?;
         if !write.key_cache.device().is_cpu() {
             return Ok(false);
         }

@@ -14,6 +14,7 @@ mod quest;
 mod retro;
 #[cfg(test)]
 mod retro_tests;
+mod step_timing;
 pub mod summaries;
 mod trace;
 

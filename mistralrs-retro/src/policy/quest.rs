@@ -302,6 +302,7 @@ impl KvPolicy for QuestPolicy {
 
     fn write_kv(&self, batch: &BatchInfo<'_>, write: &CacheWrite<'_>) -> Result<bool> {
         super::note_write(batch);
+        super::step_timing::cache_written(batch, write.key_cache.device())?;
         match self.summaries()? {
             Summaries::Host(summaries) => {
                 cpu::write_kv(write.key, write.value, write.key_cache, write.value_cache, write.slot_mapping)?;
