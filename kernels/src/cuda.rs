@@ -588,14 +588,7 @@ const PROMPT_TILE: usize = 64;
 /// of `retro-gpu-check`). Strided inputs are made contiguous first.
 pub fn causal_prompt_attention(q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f32) -> Result<Tensor> {
     let dev = cuda_device(q, "q")?;
-    let (b, heads, n, d) = q.dims4()?;
-    let (kb, kv_heads, kn, kd) = k.dims4()?;
-    if b != 1 || kb != 1 || kn != n || kd != d || v.dims() != k.dims() {
-        bail!("retro-kernels: prompt attention takes q [1, h, n, d], k/v [1, kv_h, n, d]; got q {:?}, k {:?}, v {:?}", q.dims(), k.dims(), v.dims());
-    }
-    if kv_heads == 0 || heads % kv_heads != 0 {
-        bail!("retro-kernels: {heads} query heads do not group over {kv_heads} KV heads");
-    }
+    let crate::PromptShape { heads, kv_heads, n, d } = crate::PromptShape::of(q, k, v)?;
     if !matches!(d, 64 | 128) || !matches!(q.dtype(), DType::F16 | DType::BF16) {
         bail!("retro-kernels: prompt attention is built for f16/bf16 and head dim 64/128, not {:?}/{d}", q.dtype());
     }

@@ -14,4 +14,6 @@
 pub mod cuda;
 
 mod plan;
+mod prompt;
 pub use plan::{selected_len, DecodePlan};
+pub use prompt::PromptShape;

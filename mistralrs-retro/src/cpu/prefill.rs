@@ -10,7 +10,7 @@
 //! key's score before the row's softmax sees it, which is why `exp` is a vectorisable polynomial
 //! over a whole tile row (within 5e-7 relative of `f32::exp` over the range softmax uses).
 
-use candle_core::{bail, DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
 /// Query rows per task: enough to amortise reading a K/V tile, few enough that prompts of a few
@@ -24,14 +24,7 @@ const BLOCK_K: usize = 128;
 /// `h / (heads / kv_heads)`), any float dtype (arithmetic in f32). Returns `[1, heads, n, d]` in
 /// `q`'s dtype. Row `i` attends to keys `0..=i`.
 pub fn causal_prompt_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
-    let (b, heads, n, d) = q.dims4()?;
-    let (kb, kv_heads, kn, kd) = k.dims4()?;
-    if b != 1 || kb != 1 || kn != n || kd != d || v.dims() != k.dims() {
-        bail!("causal_prompt_attention: q {:?}, k {:?}, v {:?}: want [1, h, n, d] and [1, kv_h, n, d]", q.dims(), k.dims(), v.dims());
-    }
-    if kv_heads == 0 || heads % kv_heads != 0 {
-        bail!("causal_prompt_attention: {heads} query heads over {kv_heads} KV heads");
-    }
+    let retro_kernels::PromptShape { heads, kv_heads, n, d } = retro_kernels::PromptShape::of(q, k, v)?;
     let to_f32 = |t: &Tensor| -> Result<Vec<f32>> { t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>() };
     let (q32, k32, v32) = (to_f32(q)?, to_f32(k)?, to_f32(v)?);
     let group = heads / kv_heads;

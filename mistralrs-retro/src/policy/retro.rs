@@ -426,6 +426,12 @@ impl RetroPolicy {
                 Ok(())
             })();
             if let Err(e) = settled {
+                // At process exit the engine frees its sequences after CUDA has shut down: the
+                // counts are gone with the process, nothing a user can act on.
+                if e.to_string().contains("CUDA_ERROR_DEINITIALIZED") {
+                    debug!("kv-policy=retro: sequence {seq_id} freed after the device shut down: {e}");
+                    return;
+                }
                 warn!("kv-policy=retro: sequence {seq_id}: could not read its exposure counts from the device: {e}");
             }
         }
