@@ -228,20 +228,36 @@ pub(crate) fn log_prompt_attention(policy: &str, device: &candle_core::Device) {
     let _ = (policy, device);
 }
 
-/// RETRO_CUDA_PROMPT_ATTENTION: unset, our CUDA prefill kernel for `quest` and `retro`; `1`, for
-/// every policy; `0`, for none. Another value is reported and ignored.
+/// RETRO_CUDA_PROMPT_ATTENTION, read once: see [`prompt_kernel_setting`].
 #[cfg(feature = "cuda")]
 pub(crate) fn cuda_prompt_attention_enabled(kind: PolicyKind) -> bool {
     static SETTING: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
-    let setting = *SETTING.get_or_init(|| match std::env::var("RETRO_CUDA_PROMPT_ATTENTION") {
-        Ok(v) if v == "1" => Some(true),
-        Ok(v) if v == "0" => Some(false),
-        Ok(v) => {
+    let setting = *SETTING.get_or_init(|| {
+        let value = std::env::var("RETRO_CUDA_PROMPT_ATTENTION").ok();
+        let setting = prompt_kernel_setting(value.as_deref());
+        if let (Some(v), None) = (&value, setting) {
             tracing::warn!("RETRO_CUDA_PROMPT_ATTENTION={v:?} is neither 0 nor 1: ignored (quest and retro use our CUDA prompt kernel, full upstream's)");
-            None
         }
-        Err(_) => None,
+        setting
     });
+    prompt_kernel_for(kind, setting)
+}
+
+/// RETRO_CUDA_PROMPT_ATTENTION's value: `1` our CUDA prompt kernel for every policy, `0` for none,
+/// anything else (or unset) `None`: the default of [`prompt_kernel_for`].
+#[cfg(any(feature = "cuda", test))]
+fn prompt_kernel_setting(value: Option<&str>) -> Option<bool> {
+    match value {
+        Some("1") => Some(true),
+        Some("0") => Some(false),
+        _ => None,
+    }
+}
+
+/// Whether `kind`'s CUDA prompts use our kernel: by default `quest` and `retro` do and `full` keeps
+/// upstream's attention (so `full` stays upstream's, bit for bit).
+#[cfg(any(feature = "cuda", test))]
+fn prompt_kernel_for(kind: PolicyKind, setting: Option<bool>) -> bool {
     setting.unwrap_or(kind != PolicyKind::Full)
 }
 
@@ -275,6 +291,24 @@ pub fn install(config: &PolicyConfig) -> Arc<dyn ServedPolicy> {
     let policy = config.build();
     register_kv_policy(policy.clone());
     policy
+}
+
+#[cfg(test)]
+mod prompt_kernel_tests {
+    use super::{prompt_kernel_for, prompt_kernel_setting, PolicyKind};
+
+    /// RETRO_CUDA_PROMPT_ATTENTION: unset (or a value that is neither 0 nor 1) keeps `full` on
+    /// upstream's prompt attention and sends `quest`/`retro` to ours; `1` all to ours; `0` none.
+    #[test]
+    fn cuda_prompt_kernel_defaults_and_overrides() {
+        for (value, full, sparse) in [(None, false, true), (Some("yes"), false, true), (Some(""), false, true), (Some("1"), true, true), (Some("0"), false, false)] {
+            let setting = prompt_kernel_setting(value);
+            assert_eq!(prompt_kernel_for(PolicyKind::Full, setting), full, "full with {value:?}");
+            for kind in [PolicyKind::Quest, PolicyKind::Retro] {
+                assert_eq!(prompt_kernel_for(kind, setting), sparse, "{kind:?} with {value:?}");
+            }
+        }
+    }
 }
 
 #[cfg(test)]
