@@ -234,7 +234,7 @@ def run(args):
                            "flags": extra,
                            "ms": 1e3 * b / m["tok_s"] if m["tok_s"] else None, "gbps": None, "tok_s": m["tok_s"],
                            "prefill_s": m["prefill_s"], "together": args.together,
-                           "prompt_kernel": os.environ.get("RETRO_CUDA_PROMPT_ATTENTION") == "1", "errors": m["errors"], "finished_early": m["finished_early"]}
+                           "prompt_attention_env": os.environ.get("RETRO_CUDA_PROMPT_ATTENTION"), "errors": m["errors"], "finished_early": m["finished_early"]}
                     rows.append(rec)
                     jsonl.write(json.dumps(rec) + "\n")
                     jsonl.flush()

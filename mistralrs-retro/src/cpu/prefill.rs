@@ -24,10 +24,10 @@ const BLOCK_K: usize = 128;
 /// `h / (heads / kv_heads)`), any float dtype (arithmetic in f32). Returns `[1, heads, n, d]` in
 /// `q`'s dtype. Row `i` attends to keys `0..=i`.
 pub fn causal_prompt_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
-    let retro_kernels::PromptShape { heads, kv_heads, n, d } = retro_kernels::PromptShape::of(q, k, v)?;
+    let shape = retro_kernels::PromptShape::of(q, k, v)?;
+    let (heads, n, d, group) = (shape.heads, shape.n, shape.d, shape.group());
     let to_f32 = |t: &Tensor| -> Result<Vec<f32>> { t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>() };
     let (q32, k32, v32) = (to_f32(q)?, to_f32(k)?, to_f32(v)?);
-    let group = heads / kv_heads;
     let mut out = vec![0f32; heads * n * d];
     // One task per (head, query tile); the later tiles (more keys) first so the pool ends level.
     out.par_chunks_mut(n * d).enumerate().for_each(|(h, out_head)| {
