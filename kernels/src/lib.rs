@@ -13,6 +13,7 @@
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
+pub mod quant_linear;
 mod plan;
 mod prompt;
 pub use plan::{selected_len, DecodePlan};

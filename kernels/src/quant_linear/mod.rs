@@ -1,0 +1,112 @@
+//! CPU linear layers over GGUF-quantized weights: `y = x · Wᵀ` with `W` in its GGUF blocks.
+//!
+//! - [`formats`]: each block type unpacked, one weight row at a time, into one integer form;
+//! - [`activations`]: the input rows quantized once per product to 8 bits;
+//! - [`dot`]: one kernel for every type, an unpacked weight row against up to four input rows.
+//!
+//! Work is split over output columns (weight rows) and, for prompts, blocks of input rows, so each
+//! weight row is read from memory once per product and unpacked once per [`ROWS_PER_TASK`] input
+//! rows; every core takes tasks. Decode (a few rows) is bound by reading the weights once.
+
+mod activations;
+mod dot;
+mod formats;
+
+pub use activations::QuantizedRows;
+pub use dot::avx2;
+pub use formats::{unpack_row, UnpackedRow, WeightType};
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Result, Tensor};
+use rayon::prelude::*;
+
+/// Input rows one task multiplies with its weight rows (the unpacked weight row is reused this often).
+pub const ROWS_PER_TASK: usize = 64;
+
+impl WeightType {
+    /// The GGUF type, if this module multiplies with it.
+    pub fn from_ggml(dtype: GgmlDType) -> Option<Self> {
+        Some(match dtype {
+            GgmlDType::Q4_0 => WeightType::Q4_0,
+            GgmlDType::Q4_1 => WeightType::Q4_1,
+            GgmlDType::Q5_0 => WeightType::Q5_0,
+            GgmlDType::Q5_1 => WeightType::Q5_1,
+            GgmlDType::Q8_0 => WeightType::Q8_0,
+            GgmlDType::Q4K => WeightType::Q4K,
+            GgmlDType::Q5K => WeightType::Q5K,
+            GgmlDType::Q6K => WeightType::Q6K,
+            _ => return None,
+        })
+    }
+}
+
+/// `x · Wᵀ` for a CPU `QTensor` `W` `[n, k]` and `x` `[.., k]` (any float dtype; the result has
+/// `x`'s dtype). `None` when this module does not take the product (other devices or types, a
+/// `k` that is not a whole number of blocks); the caller then runs its own.
+pub fn qmatmul(w: &QTensor, x: &Tensor) -> Result<Option<Tensor>> {
+    let Some(ty) = WeightType::from_ggml(w.dtype()) else { return Ok(None) };
+    if !matches!(w.device(), Device::Cpu) || !x.device().is_cpu() || w.rank() != 2 {
+        return Ok(None);
+    }
+    let (n, k) = w.shape().dims2()?;
+    if k % ty.block_len() != 0 || x.dims().last() != Some(&k) {
+        return Ok(None);
+    }
+    let bytes = w.data()?;
+    let dtype = x.dtype();
+    let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let y = matmul(ty, &bytes, n, k, &xs);
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("rank >= 1") = n;
+    Tensor::from_vec(y, dims, &Device::Cpu)?.to_dtype(dtype).map(Some)
+}
+
+/// `x` `[m, k]` times `W` `[n, k]` (GGUF blocks of type `ty`, rows contiguous): `[m, n]`.
+pub fn matmul(ty: WeightType, w: &[u8], n: usize, k: usize, x: &[f32]) -> Vec<f32> {
+    let m = x.len() / k;
+    let row_bytes = k / ty.block_len() * ty.block_bytes();
+    assert_eq!(w.len(), n * row_bytes, "weight bytes for [{n}, {k}] {ty:?}");
+    let xq = QuantizedRows::new(x, k, ty.block_len());
+    let mut y = vec![0f32; m * n];
+    // Enough weight-row chunks that every core gets several (the last ones finish unevenly).
+    let cols_per_task = (n / (rayon::current_num_threads() * 8)).clamp(4, 64);
+    let col_tasks = n.div_ceil(cols_per_task);
+    let row_tasks = m.div_ceil(ROWS_PER_TASK);
+    let out = OutPtr(y.as_mut_ptr());
+    (0..col_tasks * row_tasks).into_par_iter().for_each_init(UnpackedRow::default, |wrow, t| {
+        let (cols, rows) = (t / row_tasks, t % row_tasks);
+        let rows = rows * ROWS_PER_TASK..((rows + 1) * ROWS_PER_TASK).min(m);
+        wrow.resize(k, ty.block_len());
+        let mut dots = [0f32; dot::MAX_ROWS];
+        for j in cols * cols_per_task..((cols + 1) * cols_per_task).min(n) {
+            unpack_row(ty, &w[j * row_bytes..(j + 1) * row_bytes], wrow);
+            for r0 in rows.clone().step_by(dot::MAX_ROWS) {
+                let r1 = (r0 + dot::MAX_ROWS).min(rows.end);
+                let xr: [_; dot::MAX_ROWS] = std::array::from_fn(|i| xq.row((r0 + i).min(r1 - 1)));
+                dot::dot_rows(wrow, ty.signed(), ty.has_min(), ty.block_len(), &xr[..r1 - r0], &mut dots);
+                for (i, r) in (r0..r1).enumerate() {
+                    // SAFETY: each (r, j) is written by exactly one task, inside `y`.
+                    unsafe { out.write(r * n + j, dots[i]) };
+                }
+            }
+        }
+    });
+    y
+}
+
+/// The output buffer, shared by tasks that write disjoint elements.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+
+impl OutPtr {
+    /// SAFETY: `at` is inside the buffer and no other task writes it.
+    unsafe fn write(&self, at: usize, v: f32) {
+        *self.0.add(at) = v;
+    }
+}
+// SAFETY: tasks write disjoint elements and `matmul` waits for all of them.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+#[cfg(test)]
+mod tests;
