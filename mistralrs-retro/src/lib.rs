@@ -2,6 +2,7 @@
 pub mod cpu;
 pub mod convert;
 pub mod policy;
+pub mod linear;
 pub mod server;
 pub mod config;
 pub mod metrics;

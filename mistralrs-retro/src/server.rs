@@ -126,6 +126,11 @@ pub struct ServerArgs {
     /// Maximum sequence length used for automatic device mapping.
     #[arg(long, default_value_t = AutoDeviceMapParams::DEFAULT_MAX_SEQ_LEN)]
     pub max_seq_len: usize,
+
+    /// CPU linear layers over GGUF weights: `ours` (each weight row read once per product, every
+    /// core, AVX2 when the CPU has it) or `upstream` (candle's).
+    #[arg(long, value_enum, default_value_t = crate::linear::CpuLinear::Ours)]
+    pub cpu_linear: crate::linear::CpuLinear,
 }
 
 /// Default KV cache when neither --pa-context-len nor --pa-memory-mb is given.
@@ -411,6 +416,7 @@ pub async fn build_engine_with_policy(
 ) -> Result<(mistralrs_server_core::types::SharedMistralRsState, Option<Arc<dyn ServedPolicy>>)> {
     // Never reach for the hub: models are local paths.
     std::env::set_var("HF_HUB_OFFLINE", "1");
+    crate::linear::install(args.cpu_linear);
 
     let paged = args.paged_attn_config()?;
     let installed = match (&paged, policy) {

@@ -245,3 +245,46 @@ fn unpack_q6k(b: &[u8], q: &mut [i8], sc: &mut [i16]) -> (f32, f32) {
     }
     (f16_at(b, 208), 0.0)
 }
+
+/// The scales of one block (the SIMD path reads the weight bytes in place and needs only these).
+#[derive(Clone, Copy)]
+pub struct BlockHeader {
+    pub d: f32,
+    pub dmin: f32,
+    /// Per 16 weights (the first `block_len / 16` are used).
+    pub sc: [i8; 16],
+    /// Per 32 weights.
+    pub mn: [u8; 8],
+}
+
+#[inline(always)]
+pub fn block_header(ty: WeightType, b: &[u8]) -> BlockHeader {
+    let mut h = BlockHeader { d: f16_at(b, 0), dmin: 0.0, sc: [1; 16], mn: [1; 8] };
+    match ty {
+        WeightType::Q4_0 | WeightType::Q5_0 | WeightType::Q8_0 => {}
+        WeightType::Q4_1 | WeightType::Q5_1 => h.dmin = -f16_at(b, 2),
+        WeightType::Q4K | WeightType::Q5K => {
+            h.dmin = f16_at(b, 2);
+            // The 6-bit pairs of `k_scales`, four at a time in 32-bit words.
+            let word = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+            let (u0, u1, u2) = (word(4), word(8), word(12));
+            let sc_lo = u0 & 0x3f3f_3f3f;
+            let sc_hi = (u2 & 0x0f0f_0f0f) | (((u0 >> 6) & 0x0303_0303) << 4);
+            let mn_lo = u1 & 0x3f3f_3f3f;
+            let mn_hi = ((u2 >> 4) & 0x0f0f_0f0f) | (((u1 >> 6) & 0x0303_0303) << 4);
+            let sc = (sc_lo as u64 | (sc_hi as u64) << 32).to_le_bytes();
+            h.mn = (mn_lo as u64 | (mn_hi as u64) << 32).to_le_bytes();
+            for j in 0..8 {
+                h.sc[2 * j] = sc[j] as i8;
+                h.sc[2 * j + 1] = sc[j] as i8;
+            }
+        }
+        WeightType::Q6K => {
+            h.d = f16_at(b, 208);
+            for i in 0..16 {
+                h.sc[i] = b[192 + i] as i8;
+            }
+        }
+    }
+    h
+}

@@ -2,7 +2,9 @@
 //!
 //! - [`formats`]: each block type unpacked, one weight row at a time, into one integer form;
 //! - [`activations`]: the input rows quantized once per product to 8 bits;
-//! - [`dot`]: one kernel for every type, an unpacked weight row against up to four input rows.
+//! - [`simd`]: with AVX2, each block type's weights expanded in registers and multiplied with up
+//!   to four input rows (runtime-detected, so one binary runs on any x86-64);
+//! - [`dot`]: without AVX2, an unpacked weight row against the same rows, with the same integer sums.
 //!
 //! Work is split over output columns (weight rows) and, for prompts, blocks of input rows, so each
 //! weight row is read from memory once per product and unpacked once per [`ROWS_PER_TASK`] input
@@ -11,10 +13,12 @@
 mod activations;
 mod dot;
 mod formats;
+#[cfg(target_arch = "x86_64")]
+mod simd;
 
 pub use activations::QuantizedRows;
 pub use dot::avx2;
-pub use formats::{unpack_row, UnpackedRow, WeightType};
+pub use formats::{block_header, unpack_row, BlockHeader, UnpackedRow, WeightType};
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Result, Tensor};
@@ -68,22 +72,35 @@ pub fn matmul(ty: WeightType, w: &[u8], n: usize, k: usize, x: &[f32]) -> Vec<f3
     assert_eq!(w.len(), n * row_bytes, "weight bytes for [{n}, {k}] {ty:?}");
     let xq = QuantizedRows::new(x, k, ty.block_len());
     let mut y = vec![0f32; m * n];
-    // Enough weight-row chunks that every core gets several (the last ones finish unevenly).
-    let cols_per_task = (n / (rayon::current_num_threads() * 8)).clamp(4, 64);
+    // Enough weight-row chunks that every core gets several (the last ones finish unevenly), each
+    // large enough (~32 KiB of weights) that starting it costs little next to reading it.
+    let min_cols = ((32 << 10) / row_bytes.max(1)).clamp(1, 64);
+    let cols_per_task = (n / (rayon::current_num_threads() * 8)).clamp(min_cols, 64);
     let col_tasks = n.div_ceil(cols_per_task);
     let row_tasks = m.div_ceil(ROWS_PER_TASK);
     let out = OutPtr(y.as_mut_ptr());
-    (0..col_tasks * row_tasks).into_par_iter().for_each_init(UnpackedRow::default, |wrow, t| {
+    let simd = avx2();
+    let init = || (UnpackedRow::default(), Vec::new());
+    (0..col_tasks * row_tasks).into_par_iter().for_each_init(init, |(wrow, headers), t| {
         let (cols, rows) = (t / row_tasks, t % row_tasks);
         let rows = rows * ROWS_PER_TASK..((rows + 1) * ROWS_PER_TASK).min(m);
-        wrow.resize(k, ty.block_len());
+        if !simd {
+            wrow.resize(k, ty.block_len());
+        }
         let mut dots = [0f32; dot::MAX_ROWS];
         for j in cols * cols_per_task..((cols + 1) * cols_per_task).min(n) {
-            unpack_row(ty, &w[j * row_bytes..(j + 1) * row_bytes], wrow);
+            let wj = &w[j * row_bytes..(j + 1) * row_bytes];
+            if simd {
+                // Once per weight row: every input-row tile reuses the block scales.
+                headers.clear();
+                headers.extend(wj.chunks_exact(ty.block_bytes()).map(|b| block_header(ty, b)));
+            } else {
+                unpack_row(ty, wj, wrow);
+            }
             for r0 in rows.clone().step_by(dot::MAX_ROWS) {
                 let r1 = (r0 + dot::MAX_ROWS).min(rows.end);
                 let xr: [_; dot::MAX_ROWS] = std::array::from_fn(|i| xq.row((r0 + i).min(r1 - 1)));
-                dot::dot_rows(wrow, ty.signed(), ty.has_min(), ty.block_len(), &xr[..r1 - r0], &mut dots);
+                dot_rows(ty, simd, wj, headers, wrow, &xr[..r1 - r0], &mut dots);
                 for (i, r) in (r0..r1).enumerate() {
                     // SAFETY: each (r, j) is written by exactly one task, inside `y`.
                     unsafe { out.write(r * n + j, dots[i]) };
@@ -92,6 +109,19 @@ pub fn matmul(ty: WeightType, w: &[u8], n: usize, k: usize, x: &[f32]) -> Vec<f3
         }
     });
     y
+}
+
+/// `out[r] = w · x[r]`: in place with AVX2 (`simd`; `headers` are `w`'s block scales), else from
+/// `w` unpacked into `wrow`.
+#[inline]
+fn dot_rows(ty: WeightType, simd: bool, w: &[u8], headers: &[BlockHeader], wrow: &UnpackedRow, x: &[activations::RowRef], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is true only when `avx2()` detected AVX2 and FMA.
+        return unsafe { simd::dot_rows(ty, w, headers, x, out) };
+    }
+    let _ = (simd, w, headers);
+    dot::dot_rows_portable(wrow, ty.has_min(), ty.block_len(), x, out)
 }
 
 /// The output buffer, shared by tasks that write disjoint elements.

@@ -115,6 +115,9 @@ fn every_type_matches_dequantize_then_matmul_on_random_bytes() {
 
 #[test]
 fn simd_and_portable_dots_agree() {
+    if !avx2() {
+        return;
+    }
     for (t, ty) in WeightType::ALL.into_iter().enumerate() {
         let k = 4 * ty.block_len();
         let mut bytes = random_bytes(k / ty.block_len() * ty.block_bytes(), 31 + t as u64);
@@ -127,10 +130,43 @@ fn simd_and_portable_dots_agree() {
         for rows in 1..=4 {
             let xr: Vec<_> = (0..rows).map(|r| xq.row(r)).collect();
             let (mut a, mut b) = ([0f32; 4], [0f32; 4]);
-            dot::dot_rows(&w, ty.signed(), ty.has_min(), ty.block_len(), &xr, &mut a);
-            dot::dot_rows_portable(&w, ty.has_min(), ty.block_len(), &xr, &mut b);
+            let headers: Vec<_> = bytes.chunks_exact(ty.block_bytes()).map(|b| block_header(ty, b)).collect();
+            dot_rows(ty, true, &bytes, &headers, &w, &xr, &mut a);
+            dot_rows(ty, false, &bytes, &headers, &w, &xr, &mut b);
             for r in 0..rows {
                 assert!((a[r] - b[r]).abs() <= 1e-5 * b[r].abs().max(1.0), "{ty:?} rows {rows}: {} vs {}", a[r], b[r]);
+            }
+        }
+    }
+}
+
+/// The portable path against the reference too (`matmul` takes the SIMD one where it can).
+#[test]
+fn portable_path_matches_dequantize_then_matmul() {
+    for (t, ty) in WeightType::ALL.into_iter().enumerate() {
+        let (n, k) = (3, 2 * ty.block_len());
+        let mut bytes = random_bytes(n * k / ty.block_len() * ty.block_bytes(), 51 + t as u64);
+        fix_scales(ty, &mut bytes, 53);
+        let wd = QTensor::new(QStorage::from_data(Cow::Borrowed(&bytes), &Device::Cpu, ggml(ty)).unwrap(), (n, k))
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let x = randn((2, k), 57);
+        let xq = QuantizedRows::new(&x, k, ty.block_len());
+        let mut w = UnpackedRow::default();
+        w.resize(k, ty.block_len());
+        let row_bytes = bytes.len() / n;
+        for j in 0..n {
+            unpack_row(ty, &bytes[j * row_bytes..(j + 1) * row_bytes], &mut w);
+            let mut got = [0f32; 2];
+            dot::dot_rows_portable(&w, ty.has_min(), ty.block_len(), &[xq.row(0), xq.row(1)], &mut got);
+            for i in 0..2 {
+                let row = xq.row(i);
+                let want: f64 = (0..k).map(|t| wd[j][t] as f64 * row.d[t / ty.block_len()] as f64 * row.q[t] as f64).sum();
+                let abs: f64 = (0..k).map(|t| (wd[j][t] as f64 * row.d[t / ty.block_len()] as f64 * row.q[t] as f64).abs()).sum();
+                assert!((got[i] as f64 - want).abs() <= 2e-5 * abs + 1e-6, "{ty:?} row {j} input {i}: {} vs {want}", got[i]);
             }
         }
     }

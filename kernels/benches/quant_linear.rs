@@ -1,0 +1,60 @@
+//! `quant_linear` against candle's CPU `QMatMul` (upstream's path) on Qwen2.5-Coder-1.5B's shapes,
+//! side by side in one run: decode (1, 2, 4, 8 rows) and a prompt (512 rows), ms per product and,
+//! for decode, the weight bytes read per second.
+//!
+//! `cargo bench -p retro-kernels --bench quant_linear` (QUANT_LINEAR_ROWS=1,512 picks row counts).
+
+use std::time::Instant;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+use retro_kernels::quant_linear;
+
+fn best_ms(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn main() {
+    let dev = Device::Cpu;
+    let rows: Vec<usize> = std::env::var("QUANT_LINEAR_ROWS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 2, 4, 8, 512]);
+    println!("threads {}, AVX2 {}", rayon::current_num_threads(), quant_linear::avx2());
+    println!("| type | n x k | rows | ours ms | upstream ms | upstream/ours | ours GB/s (weights) |");
+    println!("|---|---|---|---|---|---|---|");
+    // Qwen2.5-Coder-1.5B: MLP up/gate (8960 x 1536), down (1536 x 8960); SmolLM2-135M's MLP in Q4_1.
+    for (dtype, n, k) in [
+        (GgmlDType::Q4K, 8960, 1536),
+        (GgmlDType::Q6K, 1536, 8960),
+        (GgmlDType::Q4_1, 1536, 576),
+        (GgmlDType::Q8_0, 1536, 1536),
+    ] {
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let q = std::sync::Arc::new(QTensor::quantize(&w, dtype).unwrap());
+        let bytes = q.storage_size_in_bytes() as f64;
+        let upstream = QMatMul::from_arc(q.clone()).unwrap();
+        for &m in &rows {
+            let x = Tensor::randn(0f32, 1.0, (1, m, k), &dev).unwrap();
+            let reps = if m > 64 { 3 } else { 20 };
+            let ours = best_ms(reps, || {
+                std::hint::black_box(quant_linear::qmatmul(&q, &x).unwrap().unwrap());
+            });
+            let theirs = best_ms(reps.min(5), || {
+                std::hint::black_box(upstream.forward(&x).unwrap());
+            });
+            println!(
+                "| {dtype:?} | {n} x {k} | {m} | {ours:.3} | {theirs:.3} | {:.2} | {:.1} |",
+                theirs / ours,
+                bytes / (ours * 1e-3) / 1e9
+            );
+        }
+    }
+}

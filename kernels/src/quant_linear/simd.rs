@@ -1,0 +1,232 @@
+//! The AVX2 dot products, reading each weight block in place: 32 weights at a time are expanded
+//! to bytes in registers (nibbles masked, high bits merged) and multiplied with up to four input
+//! rows while there. Byte products are summed to 16 then 32 bits with the block's integer scales,
+//! and one float multiply-add per block and row applies `d`.
+
+#![cfg(target_arch = "x86_64")]
+
+use std::arch::x86_64::*;
+
+use super::activations::RowRef;
+use super::formats::{BlockHeader, WeightType};
+
+/// `out[r] = w · x[r]` for one weight row `w` (raw GGUF blocks of `ty`, whose scales are
+/// `headers`), `x.len()` in 1..=4.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_rows(ty: WeightType, w: &[u8], headers: &[BlockHeader], x: &[RowRef], out: &mut [f32]) {
+    macro_rules! by_type {
+        ($r:literal) => {
+            match ty {
+                WeightType::Q4_0 => dot::<$r, Q4_0>(w, headers, x, out),
+                WeightType::Q4_1 => dot::<$r, Q4_1>(w, headers, x, out),
+                WeightType::Q5_0 => dot::<$r, Q5_0>(w, headers, x, out),
+                WeightType::Q5_1 => dot::<$r, Q5_1>(w, headers, x, out),
+                WeightType::Q8_0 => dot::<$r, Q8_0>(w, headers, x, out),
+                WeightType::Q4K => dot::<$r, Q4K>(w, headers, x, out),
+                WeightType::Q5K => dot::<$r, Q5K>(w, headers, x, out),
+                WeightType::Q6K => dot::<$r, Q6K>(w, headers, x, out),
+            }
+        };
+    }
+    match x.len() {
+        1 => by_type!(1),
+        2 => by_type!(2),
+        3 => by_type!(3),
+        _ => by_type!(4),
+    }
+}
+
+/// One block type: how to expand its `c`-th 32 weights into bytes.
+trait Chunks {
+    const TY: WeightType;
+    /// # Safety
+    /// `b` points at a whole block; AVX2 is present.
+    unsafe fn chunk(b: *const u8, c: usize) -> __m256i;
+}
+
+#[inline(always)]
+unsafe fn load16(p: *const u8) -> __m128i {
+    _mm_loadu_si128(p as *const __m128i)
+}
+
+#[inline(always)]
+unsafe fn load32(p: *const u8) -> __m256i {
+    _mm256_loadu_si256(p as *const __m256i)
+}
+
+/// 16 bytes of nibbles: weights 0..16 from the low nibbles, 16..32 from the high ones.
+#[inline(always)]
+unsafe fn nibbles16(p: *const u8) -> __m256i {
+    let v = load16(p);
+    let lo = _mm_and_si128(v, _mm_set1_epi8(0x0F));
+    let hi = _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(0x0F));
+    _mm256_set_m128i(hi, lo)
+}
+
+/// Bit `i` of `bits` as 0x10 in byte `i`.
+#[inline(always)]
+unsafe fn bit4_of_each(bits: u32) -> __m256i {
+    // Byte i takes byte i / 8 of `bits`, then keeps its bit i % 8.
+    let spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(bits as i32),
+        _mm256_set_epi64x(0x0303_0303_0303_0303, 0x0202_0202_0202_0202, 0x0101_0101_0101_0101, 0),
+    );
+    let mask = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, mask), mask), _mm256_set1_epi8(0x10))
+}
+
+struct Q4_0;
+impl Chunks for Q4_0 {
+    const TY: WeightType = WeightType::Q4_0;
+    #[inline(always)]
+    unsafe fn chunk(b: *const u8, _: usize) -> __m256i {
+        _mm256_sub_epi8(nibbles16(b.add(2)), _mm256_set1_epi8(8))
+    }
+}
+
+struct Q4_1;
+impl Chunks for Q4_1 {
+    const TY: WeightType = WeightType::Q4_1;
+    #[inline(always)]
+    unsafe fn chunk(b: *const u8, _: usize) -> __m256i {
+        nibbles16(b.add(4))
+    }
+}
+
+struct Q5_0;
+impl Chunks for Q5_0 {
+    const TY: WeightType = WeightType::Q5_0;
+    #[inline(always)]
+    unsafe fn chunk(b: *const u8, _: usize) -> __m256i {
+        let qh = u32::from_le_bytes(*(b.add(2) as *const [u8; 4]));
+        let v = _mm256_or_si256(nibbles16(b.add(6)), bit4_of_each(qh));
+        _mm256_sub_epi8(v, _mm256_set1_epi8(16))
+    }
+}
+
+struct Q5_1;
+impl Chunks for Q5_1 {
+    const TY: WeightType = WeightType::Q5_1;
+    #[inline(always)]
+    unsafe fn chunk(b: *const u8, _: usize) -> __m256i {
+        let qh = u32::from_le_bytes(*(b.add(4) as *const [u8; 4]));
+        _mm256_or_si256(nibbles16(b.add(8)), bit4_of_each(qh))
+    }
+}
+
+struct Q8_0;
+impl Chunks for Q8_0 {
+    const TY: WeightType = WeightType::Q8_0;
+    #[inline(always)]
+    unsafe fn chunk(b: *const u8, _: usize) -> __m256i {
+        load32(b.add(2))
+    }
+}
+
+/// Q4_K / Q5_K: 32 bytes of nibbles hold weights 64p..64p+32 (low) and 64p+32..64p+64 (high).
+#[inline(always)]
+unsafe fn k_nibbles(qs: *const u8, c: usize) -> __m256i {
+    let v = load32(qs.add(32 * (c / 2)));
+    let v = if c % 2 == 0 { v } else { _mm256_srli_epi16(v, 4) };
+    _mm256_and_si256(v, _mm256_set1_epi8(0x0F))
+}
+
+struct Q4K;
+impl Chunks for Q4K {
+    const TY: WeightType = WeightType::Q4K;
+    #[inline(always)]
+    unsafe fn chunk(b: *const u8, c: usize) -> __m256i {
+        k_nibbles(b.add(16), c)
+    }
+}
+
+struct Q5K;
+impl Chunks for Q5K {
+    const TY: WeightType = WeightType::Q5K;
+    #[inline(always)]
+    unsafe fn chunk(b: *const u8, c: usize) -> __m256i {
+        // Bit c of qh[l] is bit 4 of weight 32c + l.
+        let m = _mm256_set1_epi8(1 << c);
+        let qh = _mm256_and_si256(load32(b.add(16)), m);
+        let high = _mm256_and_si256(_mm256_cmpeq_epi8(qh, m), _mm256_set1_epi8(0x10));
+        _mm256_or_si256(k_nibbles(b.add(48), c), high)
+    }
+}
+
+struct Q6K;
+impl Chunks for Q6K {
+    const TY: WeightType = WeightType::Q6K;
+    #[inline(always)]
+    unsafe fn chunk(b: *const u8, c: usize) -> __m256i {
+        // Half n = c / 4 holds 128 weights; its g-th 32 (g = c % 4) take the low (g < 2) or high
+        // nibbles of ql[64n + 32(g % 2)..][..32] and bits 2g..2g+2 of qh[32n..][..32].
+        let (n, g) = (c / 4, c % 4);
+        let ql = load32(b.add(64 * n + 32 * (g % 2)));
+        let ql = if g < 2 { ql } else { _mm256_srli_epi16(ql, 4) };
+        let ql = _mm256_and_si256(ql, _mm256_set1_epi8(0x0F));
+        let qh = load32(b.add(128 + 32 * n));
+        let qh = match g {
+            0 => _mm256_slli_epi16(qh, 4),
+            1 => _mm256_slli_epi16(qh, 2),
+            2 => qh,
+            _ => _mm256_srli_epi16(qh, 2),
+        };
+        let qh = _mm256_and_si256(qh, _mm256_set1_epi8(0x30));
+        _mm256_sub_epi8(_mm256_or_si256(ql, qh), _mm256_set1_epi8(32))
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn dot<const R: usize, T: Chunks>(w: &[u8], headers: &[BlockHeader], x: &[RowRef], out: &mut [f32]) {
+    let ty = T::TY;
+    let (len, bytes) = (ty.block_len(), ty.block_bytes());
+    let chunks = len / 32;
+    let signed = ty.signed();
+    let has_min = ty.has_min();
+    let x: [RowRef; R] = std::array::from_fn(|r| x[r]);
+    let mut facc = [_mm256_setzero_ps(); R];
+    let mut min_acc = [0f32; R];
+    let mut min_vec = [_mm256_setzero_ps(); R];
+    for (b, (block, h)) in w.chunks_exact(bytes).zip(headers).enumerate() {
+        let mut iacc = [_mm256_setzero_si256(); R];
+        for c in 0..chunks {
+            let wv = T::chunk(block.as_ptr(), c);
+            // The byte product takes an unsigned first operand: signed weights give |w| and move
+            // their sign onto x.
+            let wa = if signed { _mm256_abs_epi8(wv) } else { wv };
+            // Products of weights 0..16 land in the low 8 lanes, 16..32 in the high 8.
+            let scale = _mm256_set_m128i(_mm_set1_epi16(h.sc[2 * c + 1] as i16), _mm_set1_epi16(h.sc[2 * c] as i16));
+            let at = b * len + 32 * c;
+            for r in 0..R {
+                let xv = load32(x[r].q.as_ptr().add(at) as *const u8);
+                let xs = if signed { _mm256_sign_epi8(xv, wv) } else { xv };
+                let p = _mm256_maddubs_epi16(wa, xs);
+                iacc[r] = _mm256_add_epi32(iacc[r], _mm256_madd_epi16(p, scale));
+            }
+        }
+        for r in 0..R {
+            let dx = x[r].d[b];
+            facc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r]), _mm256_set1_ps(h.d * dx), facc[r]);
+            if has_min && chunks == 8 {
+                // The eight (min, sum of 32 inputs) products of a K block, summed at the end.
+                let mn = _mm256_cvtepu8_epi32(_mm_loadl_epi64(h.mn.as_ptr() as *const __m128i));
+                let sums = _mm256_loadu_si256(x[r].sums.as_ptr().add(8 * b) as *const __m256i);
+                let m = _mm256_cvtepi32_ps(_mm256_mullo_epi32(mn, sums));
+                min_vec[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(h.dmin * dx), min_vec[r]);
+            } else if has_min {
+                min_acc[r] += h.dmin * dx * x[r].sums[b] as f32;
+            }
+        }
+    }
+    for r in 0..R {
+        let v = _mm256_sub_ps(facc[r], min_vec[r]);
+        let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
+        out[r] = _mm_cvtss_f32(s1) - min_acc[r];
+    }
+}
