@@ -1,6 +1,7 @@
 //! `quant_linear` against candle's CPU `QMatMul` (upstream's path) on Qwen2.5-Coder-1.5B's shapes,
-//! side by side in one run: decode (1, 2, 4, 8 rows) and a prompt (512 rows), ms per product and,
-//! for decode, the weight bytes read per second.
+//! and `dense_linear` against candle's matmul on f16 weights (SmolLM2-135M's MLP), side by side in
+//! one run: decode (1, 2, 4, 8 rows) and a prompt (512 rows; dense: decode only), ms per product
+//! and the weight bytes read per second.
 //!
 //! `cargo bench -p retro-kernels --bench quant_linear` (QUANT_LINEAR_ROWS=1,512 picks row counts).
 
@@ -55,6 +56,21 @@ fn main() {
                 theirs / ours,
                 bytes / (ours * 1e-3) / 1e9
             );
+        }
+    }
+    for (n, k) in [(1536, 576), (576, 1536)] {
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap().to_dtype(candle_core::DType::F16).unwrap();
+        let bytes = (2 * n * k) as f64;
+        for &m in rows.iter().filter(|&&m| m <= retro_kernels::dense_linear::MAX_ROWS) {
+            let x = Tensor::randn(0f32, 1.0, (1, m, k), &dev).unwrap().to_dtype(candle_core::DType::F16).unwrap();
+            let ours = best_ms(20, || {
+                std::hint::black_box(retro_kernels::dense_linear::matmul(&w, &x).unwrap().unwrap());
+            });
+            let wt = w.t().unwrap();
+            let theirs = best_ms(20, || {
+                std::hint::black_box(x.broadcast_matmul(&wt).unwrap());
+            });
+            println!("| F16 | {n} x {k} | {m} | {ours:.3} | {theirs:.3} | {:.2} | {:.1} |", theirs / ours, bytes / (ours * 1e-3) / 1e9);
         }
     }
 }

@@ -14,8 +14,10 @@ pub struct QuantizedRows {
 }
 
 impl QuantizedRows {
-    /// `x` is `[m][k]`, `k` a multiple of `block_len` (itself a multiple of 32).
+    /// `x` is `[m][k]`, `k` a multiple of `block_len` (itself a multiple of 32). Rows are
+    /// quantized in parallel (a prompt's rows are many).
     pub fn new(x: &[f32], k: usize, block_len: usize) -> Self {
+        use rayon::prelude::*;
         let m = x.len() / k;
         let mut out = QuantizedRows {
             k,
@@ -24,17 +26,13 @@ impl QuantizedRows {
             d: vec![0.0; m * k / block_len],
             sums: vec![0; m * k / 32],
         };
-        for ((xb, qb), d) in x.chunks_exact(block_len).zip(out.q.chunks_exact_mut(block_len)).zip(&mut out.d) {
-            let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
-            *d = amax / 127.0;
-            let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
-            for (q, v) in qb.iter_mut().zip(xb) {
-                *q = (v * inv).round() as i8;
-            }
-        }
-        for (s, qc) in out.sums.iter_mut().zip(out.q.chunks_exact(32)) {
-            *s = qc.iter().map(|&v| v as i32).sum();
-        }
+        let blocks = k / block_len;
+        out.q
+            .par_chunks_mut(k)
+            .zip(out.d.par_chunks_mut(blocks))
+            .zip(out.sums.par_chunks_mut(k / 32))
+            .zip(x.par_chunks(k))
+            .for_each(|(((q, d), sums), x)| quantize_row(x, block_len, q, d, sums));
         out
     }
 
@@ -58,4 +56,36 @@ pub struct RowRef<'a> {
     pub q: &'a [i8],
     pub d: &'a [f32],
     pub sums: &'a [i32],
+}
+
+fn quantize_row(x: &[f32], block_len: usize, q: &mut [i8], d: &mut [f32], sums: &mut [i32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the feature was detected.
+        return unsafe { quantize_row_avx2(x, block_len, q, d, sums) };
+    }
+    quantize_row_any(x, block_len, q, d, sums)
+}
+
+/// The same code compiled for AVX2, so that the loops vectorize.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_row_avx2(x: &[f32], block_len: usize, q: &mut [i8], d: &mut [f32], sums: &mut [i32]) {
+    quantize_row_any(x, block_len, q, d, sums)
+}
+
+/// `q = round(x / d)` with `d = max |x| / 127` per block (ties to even), and the sums of 32.
+#[inline(always)]
+fn quantize_row_any(x: &[f32], block_len: usize, q: &mut [i8], d: &mut [f32], sums: &mut [i32]) {
+    for ((xb, qb), d) in x.chunks_exact(block_len).zip(q.chunks_exact_mut(block_len)).zip(d.iter_mut()) {
+        let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+        *d = amax / 127.0;
+        let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+        for (q, v) in qb.iter_mut().zip(xb) {
+            *q = (v * inv).round_ties_even() as i8;
+        }
+    }
+    for (s, qc) in sums.iter_mut().zip(q.chunks_exact(32)) {
+        *s = qc.iter().map(|&v| v as i32).sum();
+    }
 }

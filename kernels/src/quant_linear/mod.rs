@@ -80,48 +80,59 @@ pub fn matmul(ty: WeightType, w: &[u8], n: usize, k: usize, x: &[f32]) -> Vec<f3
     let row_tasks = m.div_ceil(ROWS_PER_TASK);
     let out = OutPtr(y.as_mut_ptr());
     let simd = avx2();
-    let init = || (UnpackedRow::default(), Vec::new());
+    let init = || (UnpackedRow::default(), [Vec::new(), Vec::new()]);
     (0..col_tasks * row_tasks).into_par_iter().for_each_init(init, |(wrow, headers), t| {
         let (cols, rows) = (t / row_tasks, t % row_tasks);
         let rows = rows * ROWS_PER_TASK..((rows + 1) * ROWS_PER_TASK).min(m);
-        if !simd {
-            wrow.resize(k, ty.block_len());
-        }
-        let mut dots = [0f32; dot::MAX_ROWS];
-        for j in cols * cols_per_task..((cols + 1) * cols_per_task).min(n) {
-            let wj = &w[j * row_bytes..(j + 1) * row_bytes];
+        let cols = cols * cols_per_task..((cols + 1) * cols_per_task).min(n);
+        // With SIMD, two weight rows at a time when there are several input rows to share.
+        let pair = if simd && rows.len() > 1 { 2 } else { 1 };
+        let mut j = cols.start;
+        while j < cols.end {
+            let cnt = pair.min(cols.end - j);
+            let wrow_at = |v: usize| &w[(j + v.min(cnt - 1)) * row_bytes..(j + v.min(cnt - 1) + 1) * row_bytes];
+            let ws: [&[u8]; 2] = [wrow_at(0), wrow_at(1)];
+            let ws = &ws[..cnt];
             if simd {
                 // Once per weight row: every input-row tile reuses the block scales.
-                headers.clear();
-                headers.extend(wj.chunks_exact(ty.block_bytes()).map(|b| block_header(ty, b)));
+                for (h, wj) in headers.iter_mut().zip(ws) {
+                    h.clear();
+                    h.extend(wj.chunks_exact(ty.block_bytes()).map(|b| block_header(ty, b)));
+                }
             } else {
-                unpack_row(ty, wj, wrow);
+                wrow.resize(k, ty.block_len());
+                unpack_row(ty, ws[0], wrow);
             }
+            let hs: [&[BlockHeader]; 2] = [&headers[0], &headers[1]];
+            let mut dots = [[0f32; dot::MAX_ROWS]; 2];
             for r0 in rows.clone().step_by(dot::MAX_ROWS) {
                 let r1 = (r0 + dot::MAX_ROWS).min(rows.end);
                 let xr: [_; dot::MAX_ROWS] = std::array::from_fn(|i| xq.row((r0 + i).min(r1 - 1)));
-                dot_rows(ty, simd, wj, headers, wrow, &xr[..r1 - r0], &mut dots);
-                for (i, r) in (r0..r1).enumerate() {
-                    // SAFETY: each (r, j) is written by exactly one task, inside `y`.
-                    unsafe { out.write(r * n + j, dots[i]) };
+                dot_rows(ty, simd, ws, &hs[..cnt], wrow, &xr[..r1 - r0], &mut dots[..cnt]);
+                for (v, j) in (j..j + cnt).enumerate() {
+                    for (i, r) in (r0..r1).enumerate() {
+                        // SAFETY: each (r, j) is written by exactly one task, inside `y`.
+                        unsafe { out.write(r * n + j, dots[v][i]) };
+                    }
                 }
             }
+            j += cnt;
         }
     });
     y
 }
 
-/// `out[r] = w · x[r]`: in place with AVX2 (`simd`; `headers` are `w`'s block scales), else from
-/// `w` unpacked into `wrow`.
+/// `out[v][r] = w[v] · x[r]`: in place with AVX2 (`simd`; `headers[v]` are `w[v]`'s block
+/// scales; one or two weight rows), else one weight row unpacked into `wrow`.
 #[inline]
-fn dot_rows(ty: WeightType, simd: bool, w: &[u8], headers: &[BlockHeader], wrow: &UnpackedRow, x: &[activations::RowRef], out: &mut [f32]) {
+fn dot_rows(ty: WeightType, simd: bool, w: &[&[u8]], headers: &[&[BlockHeader]], wrow: &UnpackedRow, x: &[activations::RowRef], out: &mut [[f32; 4]]) {
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: `simd` is true only when `avx2()` detected AVX2 and FMA.
         return unsafe { simd::dot_rows(ty, w, headers, x, out) };
     }
     let _ = (simd, w, headers);
-    dot::dot_rows_portable(wrow, ty.has_min(), ty.block_len(), x, out)
+    dot::dot_rows_portable(wrow, ty.has_min(), ty.block_len(), x, &mut out[0])
 }
 
 /// The output buffer, shared by tasks that write disjoint elements.

@@ -10,32 +10,39 @@ use std::arch::x86_64::*;
 use super::activations::RowRef;
 use super::formats::{BlockHeader, WeightType};
 
-/// `out[r] = w · x[r]` for one weight row `w` (raw GGUF blocks of `ty`, whose scales are
-/// `headers`), `x.len()` in 1..=4.
+/// `out[v][r] = w[v] · x[r]` for one or two weight rows `w[v]` (raw GGUF blocks of `ty`, whose
+/// scales are `headers[v]`) and `x.len()` in 1..=4 input rows. Two weight rows share each input
+/// load (a prompt's inputs stream from L2).
 ///
 /// # Safety
-/// The CPU must have AVX2 and FMA.
+/// The CPU must have AVX2 and FMA; `w` and `headers` have the same length, 1 or 2.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot_rows(ty: WeightType, w: &[u8], headers: &[BlockHeader], x: &[RowRef], out: &mut [f32]) {
+pub unsafe fn dot_rows(ty: WeightType, w: &[&[u8]], headers: &[&[BlockHeader]], x: &[RowRef], out: &mut [[f32; 4]]) {
     macro_rules! by_type {
-        ($r:literal) => {
+        ($r:literal, $w:literal) => {{
+            let w: [&[u8]; $w] = std::array::from_fn(|v| w[v]);
+            let h: [&[BlockHeader]; $w] = std::array::from_fn(|v| headers[v]);
             match ty {
-                WeightType::Q4_0 => dot::<$r, Q4_0>(w, headers, x, out),
-                WeightType::Q4_1 => dot::<$r, Q4_1>(w, headers, x, out),
-                WeightType::Q5_0 => dot::<$r, Q5_0>(w, headers, x, out),
-                WeightType::Q5_1 => dot::<$r, Q5_1>(w, headers, x, out),
-                WeightType::Q8_0 => dot::<$r, Q8_0>(w, headers, x, out),
-                WeightType::Q4K => dot::<$r, Q4K>(w, headers, x, out),
-                WeightType::Q5K => dot::<$r, Q5K>(w, headers, x, out),
-                WeightType::Q6K => dot::<$r, Q6K>(w, headers, x, out),
+                WeightType::Q4_0 => dot::<$r, $w, Q4_0>(w, h, x, out),
+                WeightType::Q4_1 => dot::<$r, $w, Q4_1>(w, h, x, out),
+                WeightType::Q5_0 => dot::<$r, $w, Q5_0>(w, h, x, out),
+                WeightType::Q5_1 => dot::<$r, $w, Q5_1>(w, h, x, out),
+                WeightType::Q8_0 => dot::<$r, $w, Q8_0>(w, h, x, out),
+                WeightType::Q4K => dot::<$r, $w, Q4K>(w, h, x, out),
+                WeightType::Q5K => dot::<$r, $w, Q5K>(w, h, x, out),
+                WeightType::Q6K => dot::<$r, $w, Q6K>(w, h, x, out),
             }
-        };
+        }};
     }
-    match x.len() {
-        1 => by_type!(1),
-        2 => by_type!(2),
-        3 => by_type!(3),
-        _ => by_type!(4),
+    match (x.len(), w.len()) {
+        (1, 1) => by_type!(1, 1),
+        (2, 1) => by_type!(2, 1),
+        (3, 1) => by_type!(3, 1),
+        (_, 1) => by_type!(4, 1),
+        (1, _) => by_type!(1, 2),
+        (2, _) => by_type!(2, 2),
+        (3, _) => by_type!(3, 2),
+        (_, _) => by_type!(4, 2),
     }
 }
 
@@ -181,52 +188,64 @@ impl Chunks for Q6K {
 
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn dot<const R: usize, T: Chunks>(w: &[u8], headers: &[BlockHeader], x: &[RowRef], out: &mut [f32]) {
+unsafe fn dot<const R: usize, const W: usize, T: Chunks>(w: [&[u8]; W], headers: [&[BlockHeader]; W], x: &[RowRef], out: &mut [[f32; 4]]) {
     let ty = T::TY;
     let (len, bytes) = (ty.block_len(), ty.block_bytes());
     let chunks = len / 32;
     let signed = ty.signed();
     let has_min = ty.has_min();
     let x: [RowRef; R] = std::array::from_fn(|r| x[r]);
-    let mut facc = [_mm256_setzero_ps(); R];
-    let mut min_acc = [0f32; R];
-    let mut min_vec = [_mm256_setzero_ps(); R];
-    for (b, (block, h)) in w.chunks_exact(bytes).zip(headers).enumerate() {
-        let mut iacc = [_mm256_setzero_si256(); R];
+    let mut facc = [[_mm256_setzero_ps(); R]; W];
+    let mut min_acc = [[0f32; R]; W];
+    for b in 0..headers[0].len() {
+        let mut iacc = [[_mm256_setzero_si256(); R]; W];
         for c in 0..chunks {
-            let wv = T::chunk(block.as_ptr(), c);
-            // The byte product takes an unsigned first operand: signed weights give |w| and move
-            // their sign onto x.
-            let wa = if signed { _mm256_abs_epi8(wv) } else { wv };
-            // Products of weights 0..16 land in the low 8 lanes, 16..32 in the high 8.
-            let scale = _mm256_set_m128i(_mm_set1_epi16(h.sc[2 * c + 1] as i16), _mm_set1_epi16(h.sc[2 * c] as i16));
+            let mut wv = [_mm256_setzero_si256(); W];
+            let mut wa = [_mm256_setzero_si256(); W];
+            let mut scale = [_mm256_setzero_si256(); W];
+            for v in 0..W {
+                wv[v] = T::chunk(w[v].as_ptr().add(b * bytes), c);
+                // The byte product takes an unsigned first operand: signed weights give |w| and
+                // move their sign onto x.
+                wa[v] = if signed { _mm256_abs_epi8(wv[v]) } else { wv[v] };
+                // Products of weights 0..16 land in the low 8 lanes, 16..32 in the high 8.
+                let h = &headers[v][b];
+                scale[v] = _mm256_set_m128i(_mm_set1_epi16(h.sc[2 * c + 1] as i16), _mm_set1_epi16(h.sc[2 * c] as i16));
+            }
             let at = b * len + 32 * c;
             for r in 0..R {
                 let xv = load32(x[r].q.as_ptr().add(at) as *const u8);
-                let xs = if signed { _mm256_sign_epi8(xv, wv) } else { xv };
-                let p = _mm256_maddubs_epi16(wa, xs);
-                iacc[r] = _mm256_add_epi32(iacc[r], _mm256_madd_epi16(p, scale));
+                for v in 0..W {
+                    let xs = if signed { _mm256_sign_epi8(xv, wv[v]) } else { xv };
+                    let p = _mm256_maddubs_epi16(wa[v], xs);
+                    iacc[v][r] = _mm256_add_epi32(iacc[v][r], _mm256_madd_epi16(p, scale[v]));
+                }
             }
         }
-        for r in 0..R {
-            let dx = x[r].d[b];
-            facc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r]), _mm256_set1_ps(h.d * dx), facc[r]);
-            if has_min && chunks == 8 {
-                // The eight (min, sum of 32 inputs) products of a K block, summed at the end.
-                let mn = _mm256_cvtepu8_epi32(_mm_loadl_epi64(h.mn.as_ptr() as *const __m128i));
-                let sums = _mm256_loadu_si256(x[r].sums.as_ptr().add(8 * b) as *const __m256i);
-                let m = _mm256_cvtepi32_ps(_mm256_mullo_epi32(mn, sums));
-                min_vec[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(h.dmin * dx), min_vec[r]);
-            } else if has_min {
-                min_acc[r] += h.dmin * dx * x[r].sums[b] as f32;
+        for v in 0..W {
+            let h = &headers[v][b];
+            for r in 0..R {
+                let dx = x[r].d[b];
+                facc[v][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[v][r]), _mm256_set1_ps(h.d * dx), facc[v][r]);
+                if has_min && chunks == 8 {
+                    // The eight (min, sum of 32 inputs) products of a K block.
+                    let mn = _mm256_cvtepu8_epi32(_mm_loadl_epi64(h.mn.as_ptr() as *const __m128i));
+                    let sums = _mm256_loadu_si256(x[r].sums.as_ptr().add(8 * b) as *const __m256i);
+                    let m = _mm256_cvtepi32_ps(_mm256_mullo_epi32(mn, sums));
+                    facc[v][r] = _mm256_fnmadd_ps(m, _mm256_set1_ps(h.dmin * dx), facc[v][r]);
+                } else if has_min {
+                    min_acc[v][r] += h.dmin * dx * x[r].sums[b] as f32;
+                }
             }
         }
     }
-    for r in 0..R {
-        let v = _mm256_sub_ps(facc[r], min_vec[r]);
-        let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-        let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
-        out[r] = _mm_cvtss_f32(s1) - min_acc[r];
+    for v in 0..W {
+        for r in 0..R {
+            let f = facc[v][r];
+            let s4 = _mm_add_ps(_mm256_castps256_ps128(f), _mm256_extractf128_ps(f, 1));
+            let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+            let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
+            out[v][r] = _mm_cvtss_f32(s1) - min_acc[v][r];
+        }
     }
 }

@@ -129,10 +129,12 @@ fn simd_and_portable_dots_agree() {
         let xq = QuantizedRows::new(&x, k, ty.block_len());
         for rows in 1..=4 {
             let xr: Vec<_> = (0..rows).map(|r| xq.row(r)).collect();
-            let (mut a, mut b) = ([0f32; 4], [0f32; 4]);
+            let (a, b) = ([0f32; 4], [0f32; 4]);
             let headers: Vec<_> = bytes.chunks_exact(ty.block_bytes()).map(|b| block_header(ty, b)).collect();
-            dot_rows(ty, true, &bytes, &headers, &w, &xr, &mut a);
-            dot_rows(ty, false, &bytes, &headers, &w, &xr, &mut b);
+            let (mut a, mut b) = ([a], [b]);
+            dot_rows(ty, true, &[&bytes], &[&headers], &w, &xr, &mut a);
+            dot_rows(ty, false, &[&bytes], &[&headers], &w, &xr, &mut b);
+            let (a, b) = (a[0], b[0]);
             for r in 0..rows {
                 assert!((a[r] - b[r]).abs() <= 1e-5 * b[r].abs().max(1.0), "{ty:?} rows {rows}: {} vs {}", a[r], b[r]);
             }
