@@ -1,7 +1,8 @@
 //! The AVX2 dot products, reading each weight block in place: 32 weights at a time are expanded
 //! to bytes in registers (nibbles masked, high bits merged) and multiplied with up to four input
 //! rows while there. Byte products are summed to 16 then 32 bits with the block's integer scales,
-//! and one float multiply-add per block and row applies `d`.
+//! and one float multiply-add per block and row applies `d`. Where the CPU has AVX-512 VNNI, the
+//! same code fuses the sums (one instruction instead of two or three per 32 weights and row).
 
 #![cfg(target_arch = "x86_64")]
 
@@ -16,21 +17,45 @@ use super::formats::{BlockHeader, WeightType};
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA; `w` and `headers` have the same length, 1 or 2.
-#[target_feature(enable = "avx2,fma")]
 pub unsafe fn dot_rows(ty: WeightType, w: &[&[u8]], headers: &[&[BlockHeader]], x: &[RowRef], out: &mut [[f32; 4]]) {
+    if vnni() {
+        dot_rows_vnni(ty, w, headers, x, out)
+    } else {
+        dot_rows_avx2(ty, w, headers, x, out)
+    }
+}
+
+/// Whether the CPU has AVX-512 VNNI on 256-bit vectors (byte and word dot products that add into
+/// 32-bit lanes in one instruction).
+pub fn vnni() -> bool {
+    std::is_x86_feature_detected!("avx512vnni") && std::is_x86_feature_detected!("avx512vl")
+}
+
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn dot_rows_avx2(ty: WeightType, w: &[&[u8]], headers: &[&[BlockHeader]], x: &[RowRef], out: &mut [[f32; 4]]) {
+    by_shape::<false>(ty, w, headers, x, out)
+}
+
+#[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+pub(super) unsafe fn dot_rows_vnni(ty: WeightType, w: &[&[u8]], headers: &[&[BlockHeader]], x: &[RowRef], out: &mut [[f32; 4]]) {
+    by_shape::<true>(ty, w, headers, x, out)
+}
+
+#[inline(always)]
+unsafe fn by_shape<const VNNI: bool>(ty: WeightType, w: &[&[u8]], headers: &[&[BlockHeader]], x: &[RowRef], out: &mut [[f32; 4]]) {
     macro_rules! by_type {
         ($r:literal, $w:literal) => {{
             let w: [&[u8]; $w] = std::array::from_fn(|v| w[v]);
             let h: [&[BlockHeader]; $w] = std::array::from_fn(|v| headers[v]);
             match ty {
-                WeightType::Q4_0 => dot::<$r, $w, Q4_0>(w, h, x, out),
-                WeightType::Q4_1 => dot::<$r, $w, Q4_1>(w, h, x, out),
-                WeightType::Q5_0 => dot::<$r, $w, Q5_0>(w, h, x, out),
-                WeightType::Q5_1 => dot::<$r, $w, Q5_1>(w, h, x, out),
-                WeightType::Q8_0 => dot::<$r, $w, Q8_0>(w, h, x, out),
-                WeightType::Q4K => dot::<$r, $w, Q4K>(w, h, x, out),
-                WeightType::Q5K => dot::<$r, $w, Q5K>(w, h, x, out),
-                WeightType::Q6K => dot::<$r, $w, Q6K>(w, h, x, out),
+                WeightType::Q4_0 => dot::<$r, $w, Q4_0, VNNI>(w, h, x, out),
+                WeightType::Q4_1 => dot::<$r, $w, Q4_1, VNNI>(w, h, x, out),
+                WeightType::Q5_0 => dot::<$r, $w, Q5_0, VNNI>(w, h, x, out),
+                WeightType::Q5_1 => dot::<$r, $w, Q5_1, VNNI>(w, h, x, out),
+                WeightType::Q8_0 => dot::<$r, $w, Q8_0, VNNI>(w, h, x, out),
+                WeightType::Q4K => dot::<$r, $w, Q4K, VNNI>(w, h, x, out),
+                WeightType::Q5K => dot::<$r, $w, Q5K, VNNI>(w, h, x, out),
+                WeightType::Q6K => dot::<$r, $w, Q6K, VNNI>(w, h, x, out),
             }
         }};
     }
@@ -186,9 +211,8 @@ impl Chunks for Q6K {
     }
 }
 
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn dot<const R: usize, const W: usize, T: Chunks>(w: [&[u8]; W], headers: [&[BlockHeader]; W], x: &[RowRef], out: &mut [[f32; 4]]) {
+#[inline(always)]
+unsafe fn dot<const R: usize, const W: usize, T: Chunks, const VNNI: bool>(w: [&[u8]; W], headers: [&[BlockHeader]; W], x: &[RowRef], out: &mut [[f32; 4]]) {
     let ty = T::TY;
     let (len, bytes) = (ty.block_len(), ty.block_bytes());
     let chunks = len / 32;
@@ -217,8 +241,14 @@ unsafe fn dot<const R: usize, const W: usize, T: Chunks>(w: [&[u8]; W], headers:
                 let xv = load32(x[r].q.as_ptr().add(at) as *const u8);
                 for v in 0..W {
                     let xs = if signed { _mm256_sign_epi8(xv, wv[v]) } else { xv };
-                    let p = _mm256_maddubs_epi16(wa[v], xs);
-                    iacc[v][r] = _mm256_add_epi32(iacc[v][r], _mm256_madd_epi16(p, scale[v]));
+                    iacc[v][r] = if VNNI && len == 32 {
+                        // Blocks of 32 have no integer scales: bytes to 32 bits in one step.
+                        _mm256_dpbusd_epi32(iacc[v][r], wa[v], xs)
+                    } else if VNNI {
+                        _mm256_dpwssd_epi32(iacc[v][r], _mm256_maddubs_epi16(wa[v], xs), scale[v])
+                    } else {
+                        _mm256_add_epi32(iacc[v][r], _mm256_madd_epi16(_mm256_maddubs_epi16(wa[v], xs), scale[v]))
+                    };
                 }
             }
         }
