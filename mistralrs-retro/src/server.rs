@@ -127,8 +127,8 @@ pub struct ServerArgs {
     #[arg(long, default_value_t = AutoDeviceMapParams::DEFAULT_MAX_SEQ_LEN)]
     pub max_seq_len: usize,
 
-    /// CPU linear layers over GGUF weights: `ours` (each weight row read once per product, every
-    /// core, AVX2 when the CPU has it) or `upstream` (candle's).
+    /// CPU linear layers: `ours` (GGUF weights, and f16/bf16 weights at decode: each weight row
+    /// read once per product on every core, AVX2 when the CPU has it) or `upstream` (candle's).
     #[arg(long, value_enum, default_value_t = crate::linear::CpuLinear::Ours)]
     pub cpu_linear: crate::linear::CpuLinear,
 }

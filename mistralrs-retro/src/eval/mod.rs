@@ -45,9 +45,18 @@ pub struct EvalArgs {
     /// 256-token prompt, 128 forced steps, 64 generated tokens.
     #[arg(long)]
     pub quick: bool,
-    /// Model directory [default: the embedded SmolLM2-135M-Instruct].
+    /// Model directory or .gguf file [default: the embedded SmolLM2-135M-Instruct].
     #[arg(long)]
     pub model: Option<PathBuf>,
+
+    /// tokenizer.json for the text [default: the model directory's; required for a .gguf model,
+    /// e.g. from `convert-gguf`].
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+
+    /// CPU linear layers, as mistralrs-server's --cpu-linear (ours or upstream).
+    #[arg(long, value_enum, default_value_t = crate::linear::CpuLinear::Ours)]
+    pub cpu_linear: crate::linear::CpuLinear,
     /// Long text for teacher forcing.
     #[arg(long, default_value = "models/text/in_the_year_2889.txt")]
     pub text: PathBuf,
@@ -428,8 +437,12 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
     let setup = args.setup()?;
     let started = Instant::now();
     let model = args.model.clone().unwrap_or_else(|| PathBuf::from(crate::server::EMBEDDED_MODEL_DIR));
-    let tokenizer = tokenizers::Tokenizer::from_file(model.join("tokenizer.json"))
-        .map_err(|e| anyhow::anyhow!("{}: {e}", model.join("tokenizer.json").display()))?;
+    let tokenizer_file = match &args.tokenizer {
+        Some(file) => file.clone(),
+        None if model.is_file() => bail!("--model {} is a file: name its tokenizer.json with --tokenizer (convert-gguf writes one)", model.display()),
+        None => model.join("tokenizer.json"),
+    };
+    let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_file).map_err(|e| anyhow::anyhow!("{}: {e}", tokenizer_file.display()))?;
 
     // Teacher-forcing text.
     let raw = std::fs::read_to_string(&args.text).with_context(|| format!("--text {} (scripts/fetch-text.sh)", args.text.display()))?;
@@ -485,8 +498,9 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
     let per_budget = forced_len + gen_prompt_tokens + setup.gen_tokens + 2 * (max_window + 2 * args.page_size);
     let context = (nb * per_budget).div_ceil(1024) * 1024 + 1024;
     let model_str = model.to_string_lossy().to_string();
+    let cpu_linear = clap::ValueEnum::to_possible_value(&args.cpu_linear).expect("named").get_name().to_string();
     let server_args = ServerArgs::parse_from([
-        "retro-eval", "--model", &model_str, "--cpu", "--dtype", "f32", "--no-prefix-cache",
+        "retro-eval", "--model", &model_str, "--cpu", "--dtype", "f32", "--no-prefix-cache", "--cpu-linear", &cpu_linear,
         "--pa-block-size", &args.page_size.to_string(), "--pa-context-len", &context.to_string(),
         "--max-seqs", &(2 * nb + 1).to_string(), "--kv-policy", "full",
     ]);
