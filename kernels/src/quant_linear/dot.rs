@@ -8,11 +8,11 @@ use super::formats::UnpackedRow;
 /// 16 vector registers).
 pub const MAX_ROWS: usize = 4;
 
-/// Whether the AVX2 path runs on this CPU.
+/// Whether the AVX2 path (with FMA and F16C) runs on this CPU.
 pub fn avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     false

@@ -251,7 +251,7 @@ fn unpack_q6k(b: &[u8], q: &mut [i8], sc: &mut [i16]) -> (f32, f32) {
 pub struct BlockHeader {
     pub d: f32,
     pub dmin: f32,
-    /// Per 16 weights (the first `block_len / 16` are used).
+    /// Q6_K: per 16 weights; Q4_K, Q5_K: the first 8, per 32 weights; 32-weight blocks: unused.
     pub sc: [i8; 16],
     /// Per 32 weights.
     pub mn: [u8; 8],
@@ -275,8 +275,7 @@ pub fn block_header(ty: WeightType, b: &[u8]) -> BlockHeader {
             let sc = (sc_lo as u64 | (sc_hi as u64) << 32).to_le_bytes();
             h.mn = (mn_lo as u64 | (mn_hi as u64) << 32).to_le_bytes();
             for j in 0..8 {
-                h.sc[2 * j] = sc[j] as i8;
-                h.sc[2 * j + 1] = sc[j] as i8;
+                h.sc[j] = sc[j] as i8;
             }
         }
         WeightType::Q6K => {

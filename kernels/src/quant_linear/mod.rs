@@ -85,15 +85,18 @@ pub fn matmul(ty: WeightType, w: &[u8], n: usize, k: usize, x: &[f32]) -> Vec<f3
         let (cols, rows) = (t / row_tasks, t % row_tasks);
         let rows = rows * ROWS_PER_TASK..((rows + 1) * ROWS_PER_TASK).min(m);
         let cols = cols * cols_per_task..((cols + 1) * cols_per_task).min(n);
-        // With SIMD, two weight rows at a time when there are several input rows to share.
-        let pair = if simd && rows.len() > 1 { 2 } else { 1 };
+        // With SIMD, two weight rows at a time: they share each input load and, for one input row,
+        // give the core two independent chains of sums.
+        let pair = if simd { 2 } else { 1 };
         let mut j = cols.start;
         while j < cols.end {
             let cnt = pair.min(cols.end - j);
             let wrow_at = |v: usize| &w[(j + v.min(cnt - 1)) * row_bytes..(j + v.min(cnt - 1) + 1) * row_bytes];
             let ws: [&[u8]; 2] = [wrow_at(0), wrow_at(1)];
             let ws = &ws[..cnt];
-            if simd {
+            if simd && ty.block_len() == 32 {
+                // 32-weight blocks carry only `d` (and a min), read in place.
+            } else if simd {
                 // Once per weight row: every input-row tile reuses the block scales.
                 for (h, wj) in headers.iter_mut().zip(ws) {
                     h.clear();

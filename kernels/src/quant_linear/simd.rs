@@ -16,7 +16,8 @@ use super::formats::{BlockHeader, WeightType};
 /// load (a prompt's inputs stream from L2).
 ///
 /// # Safety
-/// The CPU must have AVX2 and FMA; `w` and `headers` have the same length, 1 or 2.
+/// The CPU must have AVX2, FMA and F16C; `w` and `headers` have the same length, 1 or 2 (for
+/// 32-weight blocks `headers` is not read: their scales are read in place).
 pub unsafe fn dot_rows(ty: WeightType, w: &[&[u8]], headers: &[&[BlockHeader]], x: &[RowRef], out: &mut [[f32; 4]]) {
     if vnni() {
         dot_rows_vnni(ty, w, headers, x, out)
@@ -31,12 +32,12 @@ pub fn vnni() -> bool {
     std::is_x86_feature_detected!("avx512vnni") && std::is_x86_feature_detected!("avx512vl")
 }
 
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn dot_rows_avx2(ty: WeightType, w: &[&[u8]], headers: &[&[BlockHeader]], x: &[RowRef], out: &mut [[f32; 4]]) {
     by_shape::<false>(ty, w, headers, x, out)
 }
 
-#[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
 pub(super) unsafe fn dot_rows_vnni(ty: WeightType, w: &[&[u8]], headers: &[&[BlockHeader]], x: &[RowRef], out: &mut [[f32; 4]]) {
     by_shape::<true>(ty, w, headers, x, out)
 }
@@ -221,20 +222,40 @@ unsafe fn dot<const R: usize, const W: usize, T: Chunks, const VNNI: bool>(w: [&
     let x: [RowRef; R] = std::array::from_fn(|r| x[r]);
     let mut facc = [[_mm256_setzero_ps(); R]; W];
     let mut min_acc = [[0f32; R]; W];
-    for b in 0..headers[0].len() {
+    // Q4_K / Q5_K: a block's eight scales as 16-bit lanes, repeated in both 128-bit halves, from
+    // which each 32 weights' scale is one byte shuffle.
+    let per32 = matches!(ty, WeightType::Q4K | WeightType::Q5K);
+    for b in 0..w[0].len() / bytes {
         let mut iacc = [[_mm256_setzero_si256(); R]; W];
+        let mut sc8 = [_mm256_setzero_si256(); W];
+        if per32 {
+            for v in 0..W {
+                let sc = _mm_cvtepu8_epi16(_mm_loadl_epi64(headers[v][b].sc.as_ptr() as *const __m128i));
+                sc8[v] = _mm256_broadcastsi128_si256(sc);
+            }
+        }
         for c in 0..chunks {
             let mut wv = [_mm256_setzero_si256(); W];
             let mut wa = [_mm256_setzero_si256(); W];
             let mut scale = [_mm256_setzero_si256(); W];
             for v in 0..W {
                 wv[v] = T::chunk(w[v].as_ptr().add(b * bytes), c);
+                if len == 32 {
+                    // No integer scales in 32-weight blocks (the product ignores `scale`).
+                    wa[v] = if signed { _mm256_abs_epi8(wv[v]) } else { wv[v] };
+                    scale[v] = _mm256_set1_epi16(1);
+                    continue;
+                }
                 // The byte product takes an unsigned first operand: signed weights give |w| and
                 // move their sign onto x.
                 wa[v] = if signed { _mm256_abs_epi8(wv[v]) } else { wv[v] };
-                // Products of weights 0..16 land in the low 8 lanes, 16..32 in the high 8.
-                let h = &headers[v][b];
-                scale[v] = _mm256_set_m128i(_mm_set1_epi16(h.sc[2 * c + 1] as i16), _mm_set1_epi16(h.sc[2 * c] as i16));
+                scale[v] = if per32 {
+                    _mm256_shuffle_epi8(sc8[v], _mm256_set1_epi16((((2 * c + 1) << 8) | 2 * c) as i16))
+                } else {
+                    // Q6_K: products of weights 0..16 land in the low 8 lanes, 16..32 in the high 8.
+                    let h = &headers[v][b];
+                    _mm256_set_m128i(_mm_set1_epi16(h.sc[2 * c + 1] as i16), _mm_set1_epi16(h.sc[2 * c] as i16))
+                };
             }
             let at = b * len + 32 * c;
             for r in 0..R {
@@ -253,7 +274,8 @@ unsafe fn dot<const R: usize, const W: usize, T: Chunks, const VNNI: bool>(w: [&
             }
         }
         for v in 0..W {
-            let h = &headers[v][b];
+            // 32-weight blocks: d (and the min) straight from the block; K blocks: the header.
+            let h = if len == 32 { &legacy_header(ty, w[v].as_ptr().add(b * bytes)) } else { &headers[v][b] };
             for r in 0..R {
                 let dx = x[r].d[b];
                 facc[v][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[v][r]), _mm256_set1_ps(h.d * dx), facc[v][r]);
@@ -278,4 +300,13 @@ unsafe fn dot<const R: usize, const W: usize, T: Chunks, const VNNI: bool>(w: [&
             out[v][r] = _mm_cvtss_f32(s1) - min_acc[v][r];
         }
     }
+}
+
+/// `d` and the min of a 32-weight block, converted with F16C.
+#[inline(always)]
+unsafe fn legacy_header(ty: WeightType, b: *const u8) -> BlockHeader {
+    let halves = _mm_cvtph_ps(_mm_cvtsi32_si128((b as *const i32).read_unaligned()));
+    let d = _mm_cvtss_f32(halves);
+    let dmin = if ty.has_min() { -_mm_cvtss_f32(_mm_shuffle_ps(halves, halves, 1)) } else { 0.0 };
+    BlockHeader { d, dmin, sc: [1; 16], mn: [1; 8] }
 }
