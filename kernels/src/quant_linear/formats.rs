@@ -259,12 +259,19 @@ pub struct BlockHeader {
 
 #[inline(always)]
 pub fn block_header(ty: WeightType, b: &[u8]) -> BlockHeader {
-    let mut h = BlockHeader { d: f16_at(b, 0), dmin: 0.0, sc: [1; 16], mn: [1; 8] };
+    block_header_with(ty, b, f16_at)
+}
+
+/// [`block_header`] with `f16(block, at)` converting the half at byte `at` (the SIMD path passes
+/// a hardware conversion).
+#[inline(always)]
+pub fn block_header_with(ty: WeightType, b: &[u8], f16: impl Fn(&[u8], usize) -> f32) -> BlockHeader {
+    let mut h = BlockHeader { d: 0.0, dmin: 0.0, sc: [1; 16], mn: [1; 8] };
     match ty {
-        WeightType::Q4_0 | WeightType::Q5_0 | WeightType::Q8_0 => {}
-        WeightType::Q4_1 | WeightType::Q5_1 => h.dmin = -f16_at(b, 2),
+        WeightType::Q4_0 | WeightType::Q5_0 | WeightType::Q8_0 => h.d = f16(b, 0),
+        WeightType::Q4_1 | WeightType::Q5_1 => (h.d, h.dmin) = (f16(b, 0), -f16(b, 2)),
         WeightType::Q4K | WeightType::Q5K => {
-            h.dmin = f16_at(b, 2);
+            (h.d, h.dmin) = (f16(b, 0), f16(b, 2));
             // The 6-bit pairs of `k_scales`, four at a time in 32-bit words.
             let word = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
             let (u0, u1, u2) = (word(4), word(8), word(12));
@@ -279,7 +286,7 @@ pub fn block_header(ty: WeightType, b: &[u8]) -> BlockHeader {
             }
         }
         WeightType::Q6K => {
-            h.d = f16_at(b, 208);
+            h.d = f16(b, 208);
             for i in 0..16 {
                 h.sc[i] = b[192 + i] as i8;
             }

@@ -98,9 +98,10 @@ pub fn matmul(ty: WeightType, w: &[u8], n: usize, k: usize, x: &[f32]) -> Vec<f3
                 // 32-weight blocks carry only `d` (and a min), read in place.
             } else if simd {
                 // Once per weight row: every input-row tile reuses the block scales.
+                #[cfg(target_arch = "x86_64")]
                 for (h, wj) in headers.iter_mut().zip(ws) {
-                    h.clear();
-                    h.extend(wj.chunks_exact(ty.block_bytes()).map(|b| block_header(ty, b)));
+                    // SAFETY: `simd` is true only when `avx2()` detected AVX2, FMA and F16C.
+                    unsafe { simd::block_headers(ty, wj, h) };
                 }
             } else {
                 wrow.resize(k, ty.block_len());

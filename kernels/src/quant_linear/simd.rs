@@ -9,7 +9,7 @@
 use std::arch::x86_64::*;
 
 use super::activations::RowRef;
-use super::formats::{BlockHeader, WeightType};
+use super::formats::{block_header_with, BlockHeader, WeightType};
 
 /// `out[v][r] = w[v] · x[r]` for one or two weight rows `w[v]` (raw GGUF blocks of `ty`, whose
 /// scales are `headers[v]`) and `x.len()` in 1..=4 input rows. Two weight rows share each input
@@ -222,39 +222,43 @@ unsafe fn dot<const R: usize, const W: usize, T: Chunks, const VNNI: bool>(w: [&
     let x: [RowRef; R] = std::array::from_fn(|r| x[r]);
     let mut facc = [[_mm256_setzero_ps(); R]; W];
     let mut min_acc = [[0f32; R]; W];
-    // Q4_K / Q5_K: a block's eight scales as 16-bit lanes, repeated in both 128-bit halves, from
-    // which each 32 weights' scale is one byte shuffle.
+    // K blocks: the block's scales as 16-bit lanes, from which each 32 weights' scale vector is one
+    // byte shuffle (Q4_K / Q5_K: the eight per-32 scales in both 128-bit halves; Q6_K: the even
+    // per-16 scales in the low half, the odd ones in the high half, as the products land).
     let per32 = matches!(ty, WeightType::Q4K | WeightType::Q5K);
     for b in 0..w[0].len() / bytes {
         let mut iacc = [[_mm256_setzero_si256(); R]; W];
-        let mut sc8 = [_mm256_setzero_si256(); W];
-        if per32 {
+        let mut scales = [_mm256_setzero_si256(); W];
+        if len == 256 {
             for v in 0..W {
-                let sc = _mm_cvtepu8_epi16(_mm_loadl_epi64(headers[v][b].sc.as_ptr() as *const __m128i));
-                sc8[v] = _mm256_broadcastsi128_si256(sc);
+                let sc = headers[v][b].sc.as_ptr() as *const __m128i;
+                scales[v] = if per32 {
+                    _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_loadl_epi64(sc)))
+                } else {
+                    let even_odd = _mm_set_epi8(15, 13, 11, 9, 7, 5, 3, 1, 14, 12, 10, 8, 6, 4, 2, 0);
+                    _mm256_cvtepi8_epi16(_mm_shuffle_epi8(_mm_loadu_si128(sc), even_odd))
+                };
             }
         }
-        for c in 0..chunks {
+        // Written out per chunk (a macro, not a closure: a closure loses the target features), so
+        // that each chunk's shifts and shuffles are constants.
+        macro_rules! chunk {
+            ($c:expr) => {{
+                let c: usize = $c;
             let mut wv = [_mm256_setzero_si256(); W];
             let mut wa = [_mm256_setzero_si256(); W];
             let mut scale = [_mm256_setzero_si256(); W];
             for v in 0..W {
                 wv[v] = T::chunk(w[v].as_ptr().add(b * bytes), c);
-                if len == 32 {
-                    // No integer scales in 32-weight blocks (the product ignores `scale`).
-                    wa[v] = if signed { _mm256_abs_epi8(wv[v]) } else { wv[v] };
-                    scale[v] = _mm256_set1_epi16(1);
-                    continue;
-                }
                 // The byte product takes an unsigned first operand: signed weights give |w| and
                 // move their sign onto x.
                 wa[v] = if signed { _mm256_abs_epi8(wv[v]) } else { wv[v] };
-                scale[v] = if per32 {
-                    _mm256_shuffle_epi8(sc8[v], _mm256_set1_epi16((((2 * c + 1) << 8) | 2 * c) as i16))
+                scale[v] = if len == 32 {
+                    // No integer scales in 32-weight blocks.
+                    _mm256_set1_epi16(1)
                 } else {
-                    // Q6_K: products of weights 0..16 land in the low 8 lanes, 16..32 in the high 8.
-                    let h = &headers[v][b];
-                    _mm256_set_m128i(_mm_set1_epi16(h.sc[2 * c + 1] as i16), _mm_set1_epi16(h.sc[2 * c] as i16))
+                    // 16-bit lane c of each half.
+                    _mm256_shuffle_epi8(scales[v], _mm256_set1_epi16((((2 * c + 1) << 8) | 2 * c) as i16))
                 };
             }
             let at = b * len + 32 * c;
@@ -271,6 +275,21 @@ unsafe fn dot<const R: usize, const W: usize, T: Chunks, const VNNI: bool>(w: [&
                         _mm256_add_epi32(iacc[v][r], _mm256_madd_epi16(_mm256_maddubs_epi16(wa[v], xs), scale[v]))
                     };
                 }
+            }
+            }};
+        }
+        if chunks == 8 {
+            chunk!(0);
+            chunk!(1);
+            chunk!(2);
+            chunk!(3);
+            chunk!(4);
+            chunk!(5);
+            chunk!(6);
+            chunk!(7);
+        } else {
+            for c in 0..chunks {
+                chunk!(c);
             }
         }
         for v in 0..W {
@@ -310,3 +329,18 @@ unsafe fn legacy_header(ty: WeightType, b: *const u8) -> BlockHeader {
     let dmin = if ty.has_min() { -_mm_cvtss_f32(_mm_shuffle_ps(halves, halves, 1)) } else { 0.0 };
     BlockHeader { d, dmin, sc: [1; 16], mn: [1; 8] }
 }
+
+/// The block scales of one weight row into `out`, halves converted with F16C.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn block_headers(ty: WeightType, row: &[u8], out: &mut Vec<BlockHeader>) {
+    let f16 = |b: &[u8], at: usize| {
+        let bits = u16::from_le_bytes([b[at], b[at + 1]]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    };
+    out.clear();
+    out.extend(row.chunks_exact(ty.block_bytes()).map(|b| block_header_with(ty, b, f16)));
+}
+
