@@ -10,8 +10,10 @@
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
+#[path = "support/bandwidth.rs"]
+mod bandwidth;
+use bandwidth::copy_bandwidth;
 
-use std::time::Instant;
 
 use common::{log_prompt, smollm2_dir, workspace_root, Server};
 use serde_json::{json, Value};
@@ -24,25 +26,6 @@ const LAYERS: f64 = 30.0;
 const KV_BYTES_PER_TOKEN_LAYER: f64 = 2.0 * 3.0 * 64.0 * 4.0;
 const DENSE_LAYERS: f64 = 2.0;
 
-
-/// Best-of-5 copy bandwidth over all cores (rayon, one chunk per thread) of a 256 MiB buffer, bytes/s
-/// counted as read + written, as STREAM's copy does. A step's reads stream at about this rate.
-fn copy_bandwidth() -> f64 {
-    use rayon::prelude::*;
-    let n = 64 << 20;
-    let src: Vec<f32> = (0..n).map(|i| i as f32).collect();
-    let mut dst = vec![0f32; n];
-    let chunk = n.div_ceil(rayon::current_num_threads());
-    let mut best = 0f64;
-    for _ in 0..5 {
-        let t = Instant::now();
-        dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| d.copy_from_slice(s));
-        let secs = t.elapsed().as_secs_f64();
-        std::hint::black_box(&dst);
-        best = best.max(2.0 * (n * 4) as f64 / secs);
-    }
-    best
-}
 
 struct Config {
     name: &'static str,

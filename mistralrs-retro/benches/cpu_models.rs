@@ -1,6 +1,7 @@
 //! CPU prefill and decode on real GGUF models, our server (`--cpu --kv-policy full`) against llama.cpp
 //! (llama-cpp-python, pinned below, driven by scripts/bench/llama_cpp_driver.py): Qwen2.5-Coder-1.5B
-//! and -0.5B Q4_K_M and SmolLM2-135M Q4_1, at about 512 and 2K prompt tokens.
+//! and -0.5B Q4_K_M and SmolLM2-135M Q4_1, at about 512 and 2K prompt tokens; and the embedded default
+//! (SmolLM2 f32 safetensors) under each --dtype, against its memory floor.
 //!
 //! `cargo bench -p mistralrs-retro --bench cpu_models` after `scripts/fetch-model.sh NAME` for each
 //! model (a missing one is skipped) and scripts/fetch-text.sh. CPU_MODELS=name,name and
@@ -13,6 +14,8 @@
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
+#[path = "support/bandwidth.rs"]
+mod bandwidth;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -35,6 +38,19 @@ const MODELS: [(&str, &str); 3] = [
     ("qwen2.5-coder-0.5b", "models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"),
     ("smollm2-135m-q4_1", "models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 ];
+
+/// The embedded default (SmolLM2-135M-Instruct, f32 safetensors) as `mistralrs-server` runs it
+/// with each `--dtype`, and f16 under upstream's linear layers (the path before ours); our server
+/// only (llama.cpp does not read safetensors). Name in CPU_MODELS: `smollm2-135m-embedded`.
+const EMBEDDED: &str = "smollm2-135m-embedded";
+const EMBEDDED_CONFIGS: [(&str, &[&str]); 4] = [
+    ("--dtype auto", &["--dtype", "auto"]),
+    ("--dtype f16", &["--dtype", "f16"]),
+    ("--dtype f32", &["--dtype", "f32"]),
+    ("--dtype f16 --cpu-linear upstream", &["--dtype", "f16", "--cpu-linear", "upstream"]),
+];
+/// SmolLM2-135M's parameters (the tied LM head reads the embedding matrix at every step).
+const EMBEDDED_PARAMS: f64 = 134.5e6;
 
 /// About `tokens` tokens of Verne's "In the year 2889" (scripts/fetch-text.sh) with a task.
 fn prompt(tokens: usize) -> String {
@@ -157,15 +173,15 @@ fn main() {
         .collect();
     let names: Vec<String> = match std::env::var("CPU_MODELS") {
         Ok(list) => list.split(',').map(|n| n.trim().to_string()).collect(),
-        Err(_) => MODELS.iter().map(|m| m.0.to_string()).collect(),
+        Err(_) => MODELS.iter().map(|m| m.0.to_string()).chain([EMBEDDED.to_string()]).collect(),
     };
     let root = workspace_root();
     let mut models = Vec::new();
-    for name in &names {
+    for name in names.iter().filter(|n| *n != EMBEDDED) {
         let (_, file) = MODELS
             .iter()
             .find(|m| m.0 == name)
-            .unwrap_or_else(|| panic!("CPU_MODELS: unknown model {name}; known: {:?}", MODELS.map(|m| m.0)));
+            .unwrap_or_else(|| panic!("CPU_MODELS: unknown model {name}; known: {:?} and {EMBEDDED}", MODELS.map(|m| m.0)));
         let path = root.join(file);
         if path.is_file() {
             models.push((name.clone(), path));
@@ -173,11 +189,12 @@ fn main() {
             println!("skipping {name}: {} is missing: run scripts/fetch-model.sh {name}", path.display());
         }
     }
-    if models.is_empty() {
+    let embedded = names.iter().any(|n| n == EMBEDDED);
+    if models.is_empty() && !embedded {
         println!("no model to run");
         return;
     }
-    let python = llama_python();
+    let python = if models.is_empty() { PathBuf::new() } else { llama_python() };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     // Room for the longest prompt and its new tokens, the same KV size for both engines.
     let n_ctx = (2 * contexts.iter().max().unwrap()).max(1024);
@@ -226,13 +243,65 @@ fn main() {
             ));
         }
     }
+    let mut embedded_table = Vec::new();
+    if embedded {
+        run_embedded(&contexts, &prompts, n_ctx, &mut rows, &mut embedded_table);
+    }
     println!();
     println!("| model | context | prompt tokens (ours / llama.cpp) | prefill ours | prefill llama.cpp | ratio | decode ours | decode llama.cpp | ratio |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for line in &table {
         println!("{line}");
     }
+    if !embedded_table.is_empty() {
+        println!();
+        println!("| embedded default | context | prefill tok/s | decode tok/s | decode floor tok/s | of floor |");
+        println!("|---|---:|---:|---:|---:|---:|");
+        for line in &embedded_table {
+            println!("{line}");
+        }
+    }
     let out = root.join("docs/results/cpu_models.json");
     std::fs::write(&out, serde_json::to_string_pretty(&rows).unwrap() + "\n").unwrap();
     println!("(tok/s, best of {REPEATS}; ratio = ours / llama.cpp)\nwrote {}", out.display());
+}
+
+/// The embedded default's configurations side by side, each request in turn; decode floor: the
+/// weights (2 or 4 bytes per parameter) at this run's copy bandwidth.
+fn run_embedded(contexts: &[usize], prompts: &[String], n_ctx: usize, rows: &mut Vec<Value>, table: &mut Vec<String>) {
+    let bandwidth = bandwidth::copy_bandwidth();
+    println!("{EMBEDDED}: copy bandwidth {:.1} GB/s (read + write)", bandwidth / 1e9);
+    let ctx = n_ctx.to_string();
+    let servers: Vec<Server> = EMBEDDED_CONFIGS
+        .iter()
+        .map(|(_, flags)| {
+            let mut args = vec!["--cpu", "--kv-policy", "full", "--no-prefix-cache", "--max-seqs", "1", "--pa-context-len", &ctx];
+            args.extend_from_slice(flags);
+            Server::start(&args)
+        })
+        .collect();
+    for (&target, prompt) in contexts.iter().zip(prompts) {
+        let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); servers.len()];
+        for server in &servers {
+            run_ours(server, prompt);
+        }
+        for rep in 0..REPEATS {
+            for i in 0..servers.len() {
+                let i = (i + rep) % servers.len();
+                samples[i].push(run_ours(&servers[i], prompt));
+            }
+        }
+        for ((config, flags), samples) in EMBEDDED_CONFIGS.iter().zip(&samples) {
+            let s = best(samples);
+            // `auto` runs f16 on CPU (the server's log says so); f32 reads twice the bytes.
+            let bytes = EMBEDDED_PARAMS * if flags.contains(&"f32") { 4.0 } else { 2.0 };
+            let floor = bandwidth / bytes;
+            println!("  {EMBEDDED} {config} ~{target}: {} tokens {:.1} / {:.2} tok/s (floor {floor:.1})", s.0, s.1, s.2);
+            rows.push(json!({
+                "model": EMBEDDED, "engine": "ours", "config": config, "context": target, "prompt_tokens": s.0,
+                "prefill_tok_s": s.1, "decode_tok_s": s.2, "decode_floor_tok_s": floor,
+            }));
+            table.push(format!("| {config} | {target} | {:.1} | {:.2} | {floor:.1} | {:.0}% |", s.1, s.2, 100.0 * s.2 / floor));
+        }
+    }
 }

@@ -9,6 +9,9 @@
 //! `cargo bench -p mistralrs-retro --bench decode_kernel` (CONTEXTS=512,2048,8192 to choose;
 //! HUGEPAGES=1 backs the caches with transparent huge pages first, an experiment: docs/cpu.md).
 
+#[path = "support/bandwidth.rs"]
+mod bandwidth;
+use bandwidth::copy_bandwidth;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -21,20 +24,6 @@ const GROUP: usize = 3;
 const HEAD_DIM: usize = 64;
 const BLOCK: usize = 16;
 
-/// Copy bandwidth (bytes read + written per second) of a 256 MB buffer, best of 3.
-fn copy_bandwidth() -> f64 {
-    let src = vec![1f32; 64 << 20];
-    let mut dst = vec![0f32; 64 << 20];
-    let mut best = f64::MAX;
-    for _ in 0..3 {
-        let t = Instant::now();
-        use rayon::prelude::*;
-        dst.par_chunks_mut(1 << 20).zip(src.par_chunks(1 << 20)).for_each(|(d, s)| d.copy_from_slice(s));
-        best = best.min(t.elapsed().as_secs_f64());
-        std::hint::black_box(&dst);
-    }
-    2.0 * (src.len() * 4) as f64 / best
-}
 
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
