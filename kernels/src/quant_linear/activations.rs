@@ -1,6 +1,9 @@
 //! Input rows quantized once per product to 8 bits, one scale per weight block (llama.cpp's q8_0
 //! for 32-weight blocks, q8_K for 256), plus the sum of each 32 quantized values for the min term.
 
+/// Up to this many rows are quantized on the calling thread.
+const SERIAL_ROWS: usize = 8;
+
 /// `m` rows of `k` values.
 pub struct QuantizedRows {
     pub k: usize,
@@ -27,6 +30,13 @@ impl QuantizedRows {
             sums: vec![0; m * k / 32],
         };
         let blocks = k / block_len;
+        if m <= SERIAL_ROWS {
+            // Decode: a few rows take less time than handing them to the thread pool.
+            for (((q, d), sums), x) in out.q.chunks_mut(k).zip(out.d.chunks_mut(blocks)).zip(out.sums.chunks_mut(k / 32)).zip(x.chunks(k)) {
+                quantize_row(x, block_len, q, d, sums);
+            }
+            return out;
+        }
         out.q
             .par_chunks_mut(k)
             .zip(out.d.par_chunks_mut(blocks))

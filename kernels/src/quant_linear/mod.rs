@@ -80,8 +80,9 @@ pub fn matmul(ty: WeightType, w: &[u8], n: usize, k: usize, x: &[f32]) -> Vec<f3
     let row_tasks = m.div_ceil(ROWS_PER_TASK);
     let out = OutPtr(y.as_mut_ptr());
     let simd = avx2();
+    let tasks = col_tasks * row_tasks;
     let init = || (UnpackedRow::default(), [Vec::new(), Vec::new()]);
-    (0..col_tasks * row_tasks).into_par_iter().for_each_init(init, |(wrow, headers), t| {
+    let task = |(wrow, headers): &mut (UnpackedRow, [Vec<BlockHeader>; 2]), t: usize| {
         let (cols, rows) = (t / row_tasks, t % row_tasks);
         let rows = rows * ROWS_PER_TASK..((rows + 1) * ROWS_PER_TASK).min(m);
         let cols = cols * cols_per_task..((cols + 1) * cols_per_task).min(n);
@@ -122,9 +123,20 @@ pub fn matmul(ty: WeightType, w: &[u8], n: usize, k: usize, x: &[f32]) -> Vec<f3
             }
             j += cnt;
         }
-    });
+    };
+    if n * row_bytes * m.min(dot::MAX_ROWS) <= SERIAL_BYTES {
+        // Small products finish sooner on the calling thread than the pool can be woken.
+        let mut scratch = init();
+        (0..tasks).for_each(|t| task(&mut scratch, t));
+    } else {
+        (0..tasks).into_par_iter().for_each_init(init, task);
+    }
     y
 }
+
+/// Products that read at most this many weight bytes (times their input rows, up to four) run on
+/// the calling thread.
+const SERIAL_BYTES: usize = 192 << 10;
 
 /// `out[v][r] = w[v] · x[r]`: in place with AVX2 (`simd`; `headers[v]` are `w[v]`'s block
 /// scales; one or two weight rows), else one weight row unpacked into `wrow`.

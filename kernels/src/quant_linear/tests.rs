@@ -99,6 +99,20 @@ fn every_type_matches_dequantize_then_matmul_on_quantized_weights() {
     }
 }
 
+/// Products large enough to run on the thread pool (the ones above run on the calling thread).
+#[test]
+fn large_products_on_the_thread_pool_match_too() {
+    for ty in [WeightType::Q4_0, WeightType::Q4K, WeightType::Q6K] {
+        let (n, k) = (600, 1024);
+        assert!(n * k / ty.block_len() * ty.block_bytes() > SERIAL_BYTES);
+        let w = Tensor::from_vec(randn((n, k), 9), (n, k), &Device::Cpu).unwrap();
+        let bytes = QTensor::quantize(&w, ggml(ty)).unwrap().data().unwrap().into_owned();
+        for m in [1, 5, 70] {
+            check(ty, &bytes, n, k, m, 200 + m as u64);
+        }
+    }
+}
+
 #[test]
 fn every_type_matches_dequantize_then_matmul_on_random_bytes() {
     for (t, ty) in WeightType::ALL.into_iter().enumerate() {
