@@ -330,17 +330,27 @@ unsafe fn legacy_header(ty: WeightType, b: *const u8) -> BlockHeader {
     BlockHeader { d, dmin, sc: [1; 16], mn: [1; 8] }
 }
 
-/// The block scales of one weight row into `out`, halves converted with F16C.
+/// The block scales of one weight row into `out`, halves converted with F16C. A plain loop with
+/// a named function (no iterator adapters or closures, which are compiled without this function's
+/// target features and would call the intrinsics out of line).
 ///
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn block_headers(ty: WeightType, row: &[u8], out: &mut Vec<BlockHeader>) {
-    let f16 = |b: &[u8], at: usize| {
-        let bits = u16::from_le_bytes([b[at], b[at + 1]]);
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-    };
+    let bytes = ty.block_bytes();
+    let blocks = row.len() / bytes;
     out.clear();
-    out.extend(row.chunks_exact(ty.block_bytes()).map(|b| block_header_with(ty, b, f16)));
+    out.reserve(blocks);
+    for b in 0..blocks {
+        out.push(block_header_with(ty, &row[b * bytes..(b + 1) * bytes], f16c_at));
+    }
 }
 
+/// The half at byte `at` of `b`, by F16C (inlined into callers that enable it).
+#[inline(always)]
+fn f16c_at(b: &[u8], at: usize) -> f32 {
+    let bits = u16::from_le_bytes([b[at], b[at + 1]]);
+    // SAFETY: only reached from functions that enable F16C.
+    unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))) }
+}
