@@ -95,8 +95,10 @@ pub fn matmul(ty: WeightType, w: &[u8], n: usize, k: usize, x: &[f32]) -> Vec<f3
             let wrow_at = |v: usize| &w[(j + v.min(cnt - 1)) * row_bytes..(j + v.min(cnt - 1) + 1) * row_bytes];
             let ws: [&[u8]; 2] = [wrow_at(0), wrow_at(1)];
             let ws = &ws[..cnt];
-            if simd && ty.block_len() == 32 {
-                // 32-weight blocks carry only `d` (and a min), read in place.
+            if simd && (ty.block_len() == 32 || rows.len() <= dot::MAX_ROWS) {
+                // Read in place: 32-weight blocks carry only `d` (and a min), and one tile of input
+                // rows (decode) uses each block's scales once.
+                headers.iter_mut().for_each(Vec::clear);
             } else if simd {
                 // Once per weight row: every input-row tile reuses the block scales.
                 #[cfg(target_arch = "x86_64")]

@@ -12,7 +12,8 @@ use super::activations::RowRef;
 use super::formats::{block_header_with, BlockHeader, WeightType};
 
 /// `out[v][r] = w[v] · x[r]` for one or two weight rows `w[v]` (raw GGUF blocks of `ty`, whose
-/// scales are `headers[v]`) and `x.len()` in 1..=4 input rows. Two weight rows share each input
+/// scales are `headers[v]`, or read in place when `headers[0]` is empty) and `x.len()` in 1..=4
+/// input rows. Two weight rows share each input
 /// load (a prompt's inputs stream from L2).
 ///
 /// # Safety
@@ -226,12 +227,26 @@ unsafe fn dot<const R: usize, const W: usize, T: Chunks, const VNNI: bool>(w: [&
     // byte shuffle (Q4_K / Q5_K: the eight per-32 scales in both 128-bit halves; Q6_K: the even
     // per-16 scales in the low half, the odd ones in the high half, as the products land).
     let per32 = matches!(ty, WeightType::Q4K | WeightType::Q5K);
+    // Without precomputed headers (decode: one pass over the rows), each block's scales are read
+    // as the block streams in, so the row is read once, in order.
+    let in_place = headers[0].is_empty();
     for b in 0..w[0].len() / bytes {
         let mut iacc = [[_mm256_setzero_si256(); R]; W];
         let mut scales = [_mm256_setzero_si256(); W];
+        let mut hs = [BlockHeader { d: 0.0, dmin: 0.0, sc: [0; 16], mn: [0; 8] }; W];
+        for v in 0..W {
+            let block = w[v].as_ptr().add(b * bytes);
+            hs[v] = if len == 32 {
+                legacy_header(ty, block)
+            } else if in_place {
+                block_header_with(ty, std::slice::from_raw_parts(block, bytes), f16c_at)
+            } else {
+                headers[v][b]
+            };
+        }
         if len == 256 {
             for v in 0..W {
-                let sc = headers[v][b].sc.as_ptr() as *const __m128i;
+                let sc = hs[v].sc.as_ptr() as *const __m128i;
                 scales[v] = if per32 {
                     _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_loadl_epi64(sc)))
                 } else {
@@ -294,7 +309,7 @@ unsafe fn dot<const R: usize, const W: usize, T: Chunks, const VNNI: bool>(w: [&
         }
         for v in 0..W {
             // 32-weight blocks: d (and the min) straight from the block; K blocks: the header.
-            let h = if len == 32 { &legacy_header(ty, w[v].as_ptr().add(b * bytes)) } else { &headers[v][b] };
+            let h = &hs[v];
             for r in 0..R {
                 let dx = x[r].d[b];
                 facc[v][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[v][r]), _mm256_set1_ps(h.d * dx), facc[v][r]);
