@@ -86,6 +86,8 @@ pub fn matmul(ty: WeightType, w: &[u8], n: usize, k: usize, x: &[f32]) -> Vec<f3
         let (cols, rows) = (t / row_tasks, t % row_tasks);
         let rows = rows * ROWS_PER_TASK..((rows + 1) * ROWS_PER_TASK).min(m);
         let cols = cols * cols_per_task..((cols + 1) * cols_per_task).min(n);
+        // The task's input rows, located once (not per weight row).
+        let row_refs: Vec<_> = rows.clone().map(|r| xq.row(r)).collect();
         // With SIMD, two weight rows at a time: they share each input load and, for one input row,
         // give the core two independent chains of sums.
         let pair = if simd { 2 } else { 1 };
@@ -114,8 +116,8 @@ pub fn matmul(ty: WeightType, w: &[u8], n: usize, k: usize, x: &[f32]) -> Vec<f3
             let mut dots = [[0f32; dot::MAX_ROWS]; 2];
             for r0 in rows.clone().step_by(dot::MAX_ROWS) {
                 let r1 = (r0 + dot::MAX_ROWS).min(rows.end);
-                let xr: [_; dot::MAX_ROWS] = std::array::from_fn(|i| xq.row((r0 + i).min(r1 - 1)));
-                dot_rows(ty, simd, ws, &hs[..cnt], wrow, &xr[..r1 - r0], &mut dots[..cnt]);
+                let xr = &row_refs[r0 - rows.start..r1 - rows.start];
+                dot_rows(ty, simd, ws, &hs[..cnt], wrow, xr, &mut dots[..cnt]);
                 for (v, j) in (j..j + cnt).enumerate() {
                     for (i, r) in (r0..r1).enumerate() {
                         // SAFETY: each (r, j) is written by exactly one task, inside `y`.
