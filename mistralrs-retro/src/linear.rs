@@ -23,8 +23,8 @@ pub fn install(choice: CpuLinear) {
         CpuLinear::Ours => {
             mistralrs_quant::set_cpu_quantized_matmul(Some(retro_kernels::quant_linear::qmatmul));
             mistralrs_quant::set_cpu_unquantized_matmul(Some(retro_kernels::dense_linear::matmul));
-            let simd = if retro_kernels::quant_linear::avx2() { "AVX2" } else { "portable, no AVX2 on this CPU" };
-            info!("CPU linear layers (--cpu-linear ours): retro-kernels' for GGUF weights and for f16/bf16 decode ({simd}); f32 weights and f16/bf16 prompts upstream's");
+            let isa = retro_kernels::quant_linear::isa();
+            info!("CPU linear layers (--cpu-linear ours): retro-kernels' for GGUF weights ({isa}) and for f16/bf16 decode; f32 weights and f16/bf16 prompts upstream's");
         }
         CpuLinear::Upstream => {
             mistralrs_quant::set_cpu_quantized_matmul(None);

@@ -24,6 +24,15 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
+/// The instruction set the products run on, for logs: `AVX-512 VNNI`, `AVX2` or `portable`.
+pub fn isa() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        return if simd::vnni() { "AVX-512 VNNI" } else { "AVX2" };
+    }
+    "portable"
+}
+
 /// Input rows one task multiplies with its weight rows (the unpacked weight row is reused this often).
 pub const ROWS_PER_TASK: usize = 64;
 
