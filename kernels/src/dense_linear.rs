@@ -112,20 +112,10 @@ impl HalfWeight for bf16 {
     }
 }
 
-/// Whether the SIMD path runs on this CPU.
-pub fn simd() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
 /// `out[r] = w · x[r]` for the `out.len()` (1..=4) rows of `x`.
 fn row_dot<T: HalfWeight>(w: &[T], x: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if simd() {
+    if crate::cpu_features::avx2() {
         // SAFETY: the features were detected.
         unsafe {
             return match out.len() {

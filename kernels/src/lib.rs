@@ -13,6 +13,7 @@
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
+pub mod cpu_features;
 pub mod dense_linear;
 pub mod quant_linear;
 mod plan;

@@ -8,16 +8,6 @@ use super::formats::UnpackedRow;
 /// 16 vector registers).
 pub const MAX_ROWS: usize = 4;
 
-/// Whether the AVX2 path (with FMA and F16C) runs on this CPU.
-pub fn avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
 /// `out[r] = w · x[r]` for every `r`.
 pub fn dot_rows_portable(w: &UnpackedRow, has_min: bool, block_len: usize, x: &[RowRef], out: &mut [f32]) {
     let blocks = w.d.len();

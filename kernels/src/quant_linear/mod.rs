@@ -7,8 +7,9 @@
 //! - [`dot`]: without AVX2, an unpacked weight row against the same rows, with the same integer sums.
 //!
 //! Work is split over output columns (weight rows) and, for prompts, blocks of input rows, so each
-//! weight row is read from memory once per product and unpacked once per [`ROWS_PER_TASK`] input
-//! rows; every core takes tasks. Decode (a few rows) is bound by reading the weights once.
+//! weight row is read from memory once per product and its block scales (or, without SIMD, its
+//! unpacked form) serve [`ROWS_PER_TASK`] input rows; every core takes tasks. Decode (a few rows) is
+//! bound by reading the weights once.
 
 mod activations;
 mod dot;
@@ -17,7 +18,7 @@ mod formats;
 mod simd;
 
 pub use activations::QuantizedRows;
-pub use dot::avx2;
+pub use crate::cpu_features::avx2;
 pub use formats::{block_header, unpack_row, BlockHeader, UnpackedRow, WeightType};
 
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -33,7 +34,7 @@ pub fn isa() -> &'static str {
     "portable"
 }
 
-/// Input rows one task multiplies with its weight rows (the unpacked weight row is reused this often).
+/// Input rows one task multiplies with its weight rows.
 pub const ROWS_PER_TASK: usize = 64;
 
 impl WeightType {
@@ -97,6 +98,10 @@ pub fn matmul(ty: WeightType, w: &[u8], n: usize, k: usize, x: &[f32]) -> Vec<f3
         let cols = cols * cols_per_task..((cols + 1) * cols_per_task).min(n);
         // The task's input rows, located once (not per weight row).
         let row_refs: Vec<_> = rows.clone().map(|r| xq.row(r)).collect();
+        // K blocks' scales are worth computing once per weight row when several tiles of input
+        // rows (a prompt) reuse them; otherwise the SIMD path reads them in place (an empty list).
+        let precompute_scales = simd && ty.block_len() == 256 && rows.len() > dot::MAX_ROWS;
+        headers.iter_mut().for_each(Vec::clear);
         // With SIMD, two weight rows at a time: they share each input load and, for one input row,
         // give the core two independent chains of sums.
         let pair = if simd { 2 } else { 1 };
@@ -106,18 +111,13 @@ pub fn matmul(ty: WeightType, w: &[u8], n: usize, k: usize, x: &[f32]) -> Vec<f3
             let wrow_at = |v: usize| &w[(j + v.min(cnt - 1)) * row_bytes..(j + v.min(cnt - 1) + 1) * row_bytes];
             let ws: [&[u8]; 2] = [wrow_at(0), wrow_at(1)];
             let ws = &ws[..cnt];
-            if simd && (ty.block_len() == 32 || rows.len() <= dot::MAX_ROWS) {
-                // Read in place: 32-weight blocks carry only `d` (and a min), and one tile of input
-                // rows (decode) uses each block's scales once.
-                headers.iter_mut().for_each(Vec::clear);
-            } else if simd {
-                // Once per weight row: every input-row tile reuses the block scales.
+            if precompute_scales {
                 #[cfg(target_arch = "x86_64")]
                 for (h, wj) in headers.iter_mut().zip(ws) {
                     // SAFETY: `simd` is true only when `avx2()` detected AVX2, FMA and F16C.
                     unsafe { simd::block_headers(ty, wj, h) };
                 }
-            } else {
+            } else if !simd {
                 wrow.resize(k, ty.block_len());
                 unpack_row(ty, ws[0], wrow);
             }
@@ -152,12 +152,12 @@ pub fn matmul(ty: WeightType, w: &[u8], n: usize, k: usize, x: &[f32]) -> Vec<f3
 const SERIAL_BYTES: usize = 192 << 10;
 
 /// `out[v][r] = w[v] · x[r]`: in place with AVX2 (`simd`; `headers[v]` are `w[v]`'s block
-/// scales; one or two weight rows), else one weight row unpacked into `wrow`.
+/// scales, or empty; one or two weight rows), else one weight row unpacked into `wrow`.
 #[inline]
 fn dot_rows(ty: WeightType, simd: bool, w: &[&[u8]], headers: &[&[BlockHeader]], wrow: &UnpackedRow, x: &[activations::RowRef], out: &mut [[f32; 4]]) {
     #[cfg(target_arch = "x86_64")]
     if simd {
-        // SAFETY: `simd` is true only when `avx2()` detected AVX2 and FMA.
+        // SAFETY: `simd` is true only when `avx2()` detected AVX2, FMA and F16C.
         return unsafe { simd::dot_rows(ty, w, headers, x, out) };
     }
     let _ = (simd, w, headers);

@@ -12,13 +12,12 @@ use super::activations::RowRef;
 use super::formats::{block_header_with, BlockHeader, WeightType};
 
 /// `out[v][r] = w[v] · x[r]` for one or two weight rows `w[v]` (raw GGUF blocks of `ty`, whose
-/// scales are `headers[v]`, or read in place when `headers[0]` is empty) and `x.len()` in 1..=4
-/// input rows. Two weight rows share each input
-/// load (a prompt's inputs stream from L2).
+/// scales are `headers[v]`, or read in place when `headers[0]` is empty, as always for 32-weight
+/// blocks) and `x.len()` in 1..=4 input rows. Two weight rows share each input load (a prompt's
+/// inputs stream from L2).
 ///
 /// # Safety
-/// The CPU must have AVX2, FMA and F16C; `w` and `headers` have the same length, 1 or 2 (for
-/// 32-weight blocks `headers` is not read: their scales are read in place).
+/// The CPU must have AVX2, FMA and F16C; `w` and `headers` have the same length, 1 or 2.
 pub unsafe fn dot_rows(ty: WeightType, w: &[&[u8]], headers: &[&[BlockHeader]], x: &[RowRef], out: &mut [[f32; 4]]) {
     if vnni() {
         dot_rows_vnni(ty, w, headers, x, out)
@@ -227,19 +226,18 @@ unsafe fn dot<const R: usize, const W: usize, T: Chunks, const VNNI: bool>(w: [&
     // byte shuffle (Q4_K / Q5_K: the eight per-32 scales in both 128-bit halves; Q6_K: the even
     // per-16 scales in the low half, the odd ones in the high half, as the products land).
     let per32 = matches!(ty, WeightType::Q4K | WeightType::Q5K);
-    // Without precomputed headers (decode: one pass over the rows), each block's scales are read
-    // as the block streams in, so the row is read once, in order.
+    // Without precomputed headers (decode), each K block's scales are read as the block streams
+    // in, so the row is read once, in order; 32-weight blocks always read their `d` (and min) so.
     let in_place = headers[0].is_empty();
     for b in 0..w[0].len() / bytes {
         let mut iacc = [[_mm256_setzero_si256(); R]; W];
         let mut scales = [_mm256_setzero_si256(); W];
         let mut hs = [BlockHeader { d: 0.0, dmin: 0.0, sc: [0; 16], mn: [0; 8] }; W];
         for v in 0..W {
-            let block = w[v].as_ptr().add(b * bytes);
             hs[v] = if len == 32 {
-                legacy_header(ty, block)
+                legacy_header(ty, w[v].as_ptr().add(b * bytes))
             } else if in_place {
-                block_header_with(ty, std::slice::from_raw_parts(block, bytes), f16c_at)
+                block_header_with(ty, &w[v][b * bytes..(b + 1) * bytes], f16c_at)
             } else {
                 headers[v][b]
             };
@@ -308,7 +306,6 @@ unsafe fn dot<const R: usize, const W: usize, T: Chunks, const VNNI: bool>(w: [&
             }
         }
         for v in 0..W {
-            // 32-weight blocks: d (and the min) straight from the block; K blocks: the header.
             let h = &hs[v];
             for r in 0..R {
                 let dx = x[r].d[b];
@@ -336,15 +333,6 @@ unsafe fn dot<const R: usize, const W: usize, T: Chunks, const VNNI: bool>(w: [&
     }
 }
 
-/// `d` and the min of a 32-weight block, converted with F16C.
-#[inline(always)]
-unsafe fn legacy_header(ty: WeightType, b: *const u8) -> BlockHeader {
-    let halves = _mm_cvtph_ps(_mm_cvtsi32_si128((b as *const i32).read_unaligned()));
-    let d = _mm_cvtss_f32(halves);
-    let dmin = if ty.has_min() { -_mm_cvtss_f32(_mm_shuffle_ps(halves, halves, 1)) } else { 0.0 };
-    BlockHeader { d, dmin, sc: [1; 16], mn: [1; 8] }
-}
-
 /// The block scales of one weight row into `out`, halves converted with F16C. A plain loop with
 /// a named function (no iterator adapters or closures, which are compiled without this function's
 /// target features and would call the intrinsics out of line).
@@ -368,4 +356,14 @@ fn f16c_at(b: &[u8], at: usize) -> f32 {
     let bits = u16::from_le_bytes([b[at], b[at + 1]]);
     // SAFETY: only reached from functions that enable F16C.
     unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))) }
+}
+
+/// `d` and the min of a 32-weight block: both halves converted by one F16C instruction (this runs
+/// once per 32 weights, so it is worth its own path).
+#[inline(always)]
+unsafe fn legacy_header(ty: WeightType, b: *const u8) -> BlockHeader {
+    let halves = _mm_cvtph_ps(_mm_cvtsi32_si128((b as *const i32).read_unaligned()));
+    let d = _mm_cvtss_f32(halves);
+    let dmin = if ty.has_min() { -_mm_cvtss_f32(_mm_shuffle_ps(halves, halves, 1)) } else { 0.0 };
+    BlockHeader { d, dmin, sc: [1; 16], mn: [1; 8] }
 }
