@@ -128,7 +128,8 @@ pub struct ServerArgs {
     pub max_seq_len: usize,
 
     /// CPU linear layers: `ours` (GGUF weights, and f16/bf16 weights at decode: each weight row
-    /// read once per product on every core, AVX2 when the CPU has it) or `upstream` (candle's).
+    /// read once per product on every core, AVX2 or AVX-512 VNNI where the CPU has them) or
+    /// `upstream` (candle's).
     #[arg(long, value_enum, default_value_t = crate::linear::CpuLinear::Ours)]
     pub cpu_linear: crate::linear::CpuLinear,
 }

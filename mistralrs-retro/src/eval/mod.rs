@@ -498,12 +498,12 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
     let per_budget = forced_len + gen_prompt_tokens + setup.gen_tokens + 2 * (max_window + 2 * args.page_size);
     let context = (nb * per_budget).div_ceil(1024) * 1024 + 1024;
     let model_str = model.to_string_lossy().to_string();
-    let cpu_linear = clap::ValueEnum::to_possible_value(&args.cpu_linear).expect("named").get_name().to_string();
-    let server_args = ServerArgs::parse_from([
-        "retro-eval", "--model", &model_str, "--cpu", "--dtype", "f32", "--no-prefix-cache", "--cpu-linear", &cpu_linear,
+    let mut server_args = ServerArgs::parse_from([
+        "retro-eval", "--model", &model_str, "--cpu", "--dtype", "f32", "--no-prefix-cache",
         "--pa-block-size", &args.page_size.to_string(), "--pa-context-len", &context.to_string(),
         "--max-seqs", &(2 * nb + 1).to_string(), "--kv-policy", "full",
     ]);
+    server_args.cpu_linear = args.cpu_linear;
     let switch = Arc::new(SwitchPolicy::new());
     let (_, source) = server_args.validate()?;
     let (engine, _) = crate::server::build_engine_with_policy(&server_args, &source, Some(switch.clone())).await?;
