@@ -147,6 +147,15 @@ pub fn convert_gguf_to_hf(gguf: &Path, out_dir: &Path) -> Result<ConvertReport> 
     })
 }
 
+/// The tokenizer a GGUF file describes (any architecture), for tools that tokenize text for a
+/// GGUF model without a `tokenizer.json`.
+pub fn tokenizer_from_gguf(gguf: &Path) -> Result<BuiltTokenizer> {
+    let mut reader = open_gguf(gguf)?;
+    let content = gguf_file::Content::read(&mut reader)
+        .with_context(|| format!("parsing GGUF header of {}", gguf.display()))?;
+    build_tokenizer(&GgufVocab::from_metadata(&Metadata::new(&content.metadata))?)
+}
+
 fn open_gguf(path: &Path) -> Result<BufReader<File>> {
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut reader = BufReader::new(file);

@@ -8,10 +8,11 @@ use tokenizers::models::bpe::{Merges, Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::sequence::Sequence as PostProcessorSequence;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{
-    AddedToken, DecoderWrapper, ModelWrapper, NormalizerWrapper, PostProcessorWrapper,
+    AddedToken, DecoderWrapper, SplitDelimiterBehavior, ModelWrapper, NormalizerWrapper, PostProcessorWrapper,
     PreTokenizerWrapper, Tokenizer, TokenizerBuilder,
 };
 
@@ -120,7 +121,15 @@ enum PreSplit {
     Gpt2,
     /// Every `\p{N}` char on its own first, then the GPT-2 regex (StarCoder lineage).
     DigitsThenGpt2,
+    /// One regex of the Llama-3 / Qwen2 family, then byte-level mapping without the GPT-2 regex.
+    Regex(&'static str),
 }
+
+/// The split shared by Llama 3 and Qwen2 (they differ in digit runs): case-insensitive
+/// contractions, letters with one leading non-letter, digits, punctuation runs, newlines, spaces.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen2: as Llama 3 but every digit on its own.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Returns the split and, for pre-tokenizers only approximated here, a warning.
 fn pre_split(pre: Option<&str>) -> (PreSplit, Option<String>) {
@@ -129,6 +138,8 @@ fn pre_split(pre: Option<&str>) -> (PreSplit, Option<String>) {
             "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b",
         ) => (PreSplit::DigitsThenGpt2, None),
         Some("gpt-2" | "gpt2" | "mpt" | "olmo" | "jais" | "trillion") => (PreSplit::Gpt2, None),
+        Some("qwen2" | "deepseek-r1-qwen") => (PreSplit::Regex(QWEN2_SPLIT), None),
+        Some("llama3" | "llama-bpe" | "llama-v3" | "falcon3" | "pixtral") => (PreSplit::Regex(LLAMA3_SPLIT), None),
         other => (
             PreSplit::Gpt2,
             Some(format!(
@@ -186,6 +197,11 @@ pub fn build_tokenizer(v: &GgufVocab) -> Result<BuiltTokenizer> {
         PreSplit::Gpt2 => byte_level.into(),
         PreSplit::DigitsThenGpt2 => {
             PreTokenizerSequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
+        }
+        PreSplit::Regex(pattern) => {
+            let split = Split::new(SplitPattern::Regex(pattern.into()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(|e| anyhow!("pre-tokenizer regex: {e}"))?;
+            PreTokenizerSequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into()
         }
     };
 
@@ -336,6 +352,21 @@ mod tests {
         assert_eq!(digits.encode("12", false).unwrap().get_tokens(), ["1", "2"]);
         let gpt2 = build_tokenizer(&tiny_vocab("gpt-2")).unwrap().tokenizer;
         assert_eq!(gpt2.encode("12", false).unwrap().get_tokens(), ["12"]);
+    }
+
+    #[test]
+    fn qwen2_and_llama3_splits() {
+        let qwen = build_tokenizer(&tiny_vocab("qwen2")).unwrap();
+        assert!(qwen.warnings.is_empty(), "{:?}", qwen.warnings);
+        let qwen = qwen.tokenizer;
+        let enc = qwen.encode("Hello world", false).unwrap();
+        assert_eq!(enc.get_tokens(), ["Hello", "Ġworld"]);
+        assert_eq!(qwen.decode(enc.get_ids(), false).unwrap(), "Hello world");
+        assert_eq!(qwen.encode("12", false).unwrap().get_tokens(), ["1", "2"]);
+        let llama3 = build_tokenizer(&tiny_vocab("llama-bpe")).unwrap().tokenizer;
+        assert_eq!(llama3.encode("12", false).unwrap().get_tokens(), ["12"]);
+        // Two spaces before a word: the first stands alone (`\s+(?!\S)`), the second leads the word.
+        assert_eq!(qwen.encode("Hello  world", false).unwrap().get_tokens(), ["Hello", "Ġ", "Ġworld"]);
     }
 
     #[test]

@@ -17,6 +17,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use candle_core::{Device, Result, Tensor};
 use mistralrs_core::CustomLogitsProcessor;
@@ -140,16 +141,30 @@ impl CustomLogitsProcessor for Forcer {
 pub struct Greedy {
     masked: Vec<u32>,
     tokens: Mutex<Vec<u32>>,
+    /// When each token was decided: the gaps are the decode step times.
+    times: Mutex<Vec<Instant>>,
     progress: Arc<AtomicU64>,
 }
 
 impl Greedy {
     pub fn new(masked: Vec<u32>, progress: Arc<AtomicU64>) -> Self {
-        Self { masked, tokens: Mutex::new(Vec::new()), progress }
+        Self { masked, tokens: Mutex::new(Vec::new()), times: Mutex::new(Vec::new()), progress }
     }
 
     pub fn tokens(&self) -> Vec<u32> {
         self.tokens.lock().expect("lock poisoned").clone()
+    }
+
+    /// Median milliseconds between consecutive tokens after the first `skip` (warm-up) gaps:
+    /// the decode step time of a sequence running alone.
+    pub fn median_step_ms(&self, skip: usize) -> Option<f64> {
+        let times = self.times.lock().expect("lock poisoned");
+        let mut gaps: Vec<f64> = times.windows(2).skip(skip).map(|w| (w[1] - w[0]).as_secs_f64() * 1e3).collect();
+        if gaps.is_empty() {
+            return None;
+        }
+        gaps.sort_by(f64::total_cmp);
+        Some(gaps[gaps.len() / 2])
     }
 }
 
@@ -163,6 +178,7 @@ impl CustomLogitsProcessor for Greedy {
         }
         // Decide the token here (the sampler's own argmax breaks ties differently).
         let token = argmax(&values);
+        self.times.lock().expect("lock poisoned").push(Instant::now());
         self.tokens.lock().expect("lock poisoned").push(token);
         self.progress.fetch_add(1, Ordering::Relaxed);
         let mut out = vec![f32::NEG_INFINITY; values.len()];

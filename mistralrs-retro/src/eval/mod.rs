@@ -49,8 +49,8 @@ pub struct EvalArgs {
     #[arg(long)]
     pub model: Option<PathBuf>,
 
-    /// tokenizer.json for the text [default: the model directory's; required for a .gguf model,
-    /// e.g. from `convert-gguf`].
+    /// tokenizer.json for the text [default: the model directory's, or the one a .gguf file
+    /// describes].
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
 
@@ -79,12 +79,27 @@ pub struct EvalArgs {
     /// Windows; 1 is quest [default: 1,2,4,8; quick 1,2].
     #[arg(long, value_delimiter = ',')]
     pub windows: Option<Vec<usize>>,
+    /// Quest also runs at these multiples of every budget, so that each retro point has a Quest
+    /// point of about its cost [default: 1.25,1.5,2; quick none]; `--quest-cost-multiples ''` for none.
+    #[arg(long, value_delimiter = ',')]
+    pub quest_cost_multiples: Option<Vec<f64>>,
+    /// Decode steps each (policy, budget, window) point runs alone after the quality runs, to
+    /// measure its step time on this machine (0 skips) [default: 48; quick 16].
+    #[arg(long)]
+    pub cost_steps: Option<usize>,
+    /// Context the step time is measured at [default: the forced run's mean context, prompt +
+    /// half the steps].
+    #[arg(long)]
+    pub cost_context: Option<usize>,
     /// Also run retro with a refresh every N decode steps (`refresh_every`: a dense replay of the
     /// last N tokens), at every window of --windows below N (w = 1 is quest with refreshes). One N
     /// for every budget, or one per budget of --budgets (each budget then runs in its own batch:
     /// the refresh steps are the whole batch's).
     #[arg(long, value_delimiter = ',')]
     pub refresh_every: Vec<usize>,
+    /// Windows the refresh runs at [default: every window of --windows below N].
+    #[arg(long, value_delimiter = ',')]
+    pub refresh_windows: Option<Vec<usize>>,
     /// Also run retro with w = 1 and check it equals quest [default: on with --quick].
     #[arg(long)]
     pub check_retro_w1: bool,
@@ -110,12 +125,14 @@ pub struct EvalArgs {
     /// Leading layers that stay dense.
     #[arg(long, default_value_t = 2)]
     pub dense_layers: usize,
-    /// Results (one record per policy, budget, window).
-    #[arg(long, default_value = "docs/results/quality.json")]
-    pub out: PathBuf,
-    /// Per-step KL series at the budget nearest 10%, for the plot (`none` to skip).
-    #[arg(long, default_value = "docs/results/quality_kl_curves.json")]
-    pub curves: PathBuf,
+    /// Results (one record per policy, budget, window) [default:
+    /// docs/results/quality_<model>.json, the model named by its file or directory].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Per-step KL series at the budget nearest 10%, for the plot (`none` to skip) [default:
+    /// docs/results/quality_<model>_kl_curves.json].
+    #[arg(long)]
+    pub curves: Option<PathBuf>,
 }
 
 /// One row of `quality.json`.
@@ -155,6 +172,16 @@ pub struct QualityRecord {
     /// Wall seconds of the batch this configuration ran in (shared by the budgets of one window).
     pub forced_batch_seconds: Option<f64>,
     pub gen_batch_seconds: Option<f64>,
+    /// K/V bytes a decode step reads at the forced run's mean context: pages (and, for the sparse
+    /// policies, the dense layers and the page summaries scored).
+    pub kv_bytes_per_step: Option<f64>,
+    /// Median decode step of this point running alone, batch 1, at `cost_context`, this machine.
+    pub step_ms_cpu: Option<f64>,
+    /// The same on the GPU (random-weight Llama-3.1-8B shape), merged in from its own run.
+    pub step_ms_gpu_b1: Option<f64>,
+    pub step_ms_gpu_b8: Option<f64>,
+    /// Fraction of task problems answered correctly (not measured by this harness yet).
+    pub task_score: Option<f64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -309,7 +336,11 @@ struct Setup {
     prompt_tokens: usize,
     decode_steps: usize,
     budgets: Vec<f64>,
+    /// Quest's budgets: `budgets` and their cost multiples.
+    quest_budgets: Vec<f64>,
     windows: Vec<usize>,
+    cost_steps: usize,
+    cost_context: usize,
     gen_tokens: usize,
     problems: usize,
     check_retro_w1: bool,
@@ -318,10 +349,28 @@ struct Setup {
 impl EvalArgs {
     fn setup(&self) -> Result<Setup> {
         let q = self.quick;
+        let prompt_tokens = self.prompt_tokens.unwrap_or(if q { 256 } else { 1024 });
+        let decode_steps = self.decode_steps.unwrap_or(if q { 128 } else { 4096 });
+        let budgets = self.budgets.clone().unwrap_or(if q { vec![0.10] } else { vec![0.05, 0.10, 0.15, 0.25] });
+        let multiples = self.quest_cost_multiples.clone().unwrap_or(if q { vec![] } else { vec![1.25, 1.5, 2.0] });
+        if multiples.iter().any(|m| !(*m >= 1.0)) {
+            bail!("--quest-cost-multiples: each must be at least 1");
+        }
+        let mut quest_budgets = budgets.clone();
+        for m in &multiples {
+            quest_budgets.extend(budgets.iter().map(|b| (b * m).min(1.0)));
+        }
+        // Equal budgets from two products (0.10 × 1.5 = 0.15) are one point.
+        quest_budgets.iter_mut().for_each(|b| *b = (*b * 1e6).round() / 1e6);
+        quest_budgets.sort_by(f64::total_cmp);
+        quest_budgets.dedup();
         let s = Setup {
-            prompt_tokens: self.prompt_tokens.unwrap_or(if q { 256 } else { 1024 }),
-            decode_steps: self.decode_steps.unwrap_or(if q { 128 } else { 4096 }),
-            budgets: self.budgets.clone().unwrap_or(if q { vec![0.10] } else { vec![0.05, 0.10, 0.15, 0.25] }),
+            prompt_tokens,
+            decode_steps,
+            budgets,
+            quest_budgets,
+            cost_steps: self.cost_steps.unwrap_or(if q { 16 } else { 48 }),
+            cost_context: self.cost_context.unwrap_or(prompt_tokens + decode_steps / 2),
             windows: self.windows.clone().unwrap_or(if q { vec![1, 2] } else { vec![1, 2, 4, 8] }),
             gen_tokens: self.gen_tokens.unwrap_or(if q { 64 } else { 1024 }),
             problems: self.problems.unwrap_or(if q { 2 } else { 0 }),
@@ -332,6 +381,9 @@ impl EvalArgs {
         }
         if s.windows.iter().any(|&w| w == 0 || w > crate::config::MAX_WINDOW) {
             bail!("--windows: each must be in 1..={}", crate::config::MAX_WINDOW);
+        }
+        if self.refresh_windows.iter().flatten().any(|&w| w == 0 || w > crate::config::MAX_WINDOW) {
+            bail!("--refresh-windows: each must be in 1..={}", crate::config::MAX_WINDOW);
         }
         if !(self.refresh_every.len() <= 1 || self.refresh_every.len() == s.budgets.len()) || self.refresh_every.contains(&0) {
             bail!("--refresh-every: one N > 0 for every budget, or one per budget of --budgets ({} given for {} budgets)", self.refresh_every.len(), s.budgets.len());
@@ -430,6 +482,8 @@ struct Cell {
     forced_secs: Option<f64>,
     gen_tokens: Option<Vec<u32>>,
     gen_secs: Option<f64>,
+    kv_bytes_per_step: Option<f64>,
+    step_ms_cpu: Option<f64>,
 }
 
 /// Run the evaluation; returns the records (also written to `--out`).
@@ -437,12 +491,10 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
     let setup = args.setup()?;
     let started = Instant::now();
     let model = args.model.clone().unwrap_or_else(|| PathBuf::from(crate::server::EMBEDDED_MODEL_DIR));
-    let tokenizer_file = match &args.tokenizer {
-        Some(file) => file.clone(),
-        None if model.is_file() => bail!("--model {} is a file: name its tokenizer.json with --tokenizer (convert-gguf writes one)", model.display()),
-        None => model.join("tokenizer.json"),
-    };
-    let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_file).map_err(|e| anyhow::anyhow!("{}: {e}", tokenizer_file.display()))?;
+    let name = model_name(&model);
+    let out = args.out.clone().unwrap_or_else(|| PathBuf::from(format!("docs/results/quality_{name}.json")));
+    let curves = args.curves.clone().unwrap_or_else(|| PathBuf::from(format!("docs/results/quality_{name}_kl_curves.json")));
+    let tokenizer = load_tokenizer(&model, args.tokenizer.as_deref())?;
 
     // Teacher-forcing text.
     let raw = std::fs::read_to_string(&args.text).with_context(|| format!("--text {} (scripts/fetch-text.sh)", args.text.display()))?;
@@ -457,19 +509,20 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
 
     // Free-generation prompt.
     let longgen = longgen::LongGen::load(&args.longgen, setup.problems)?;
-    let masked: Vec<u32> = ["<|im_end|>", "<|endoftext|>"].iter().filter_map(|t| tokenizer.token_to_id(t)).collect();
+    let masked: Vec<u32> = ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>"].iter().filter_map(|t| tokenizer.token_to_id(t)).collect();
 
     // The configurations: full, then per window the batch of budgets.
     let mut kinds = vec![Kind::Full];
     for &w in &setup.windows {
         kinds.push(if w == 1 { Kind::Quest } else { Kind::Retro(w) });
     }
+    let refresh_windows = args.refresh_windows.clone().unwrap_or_else(|| setup.windows.clone());
     match args.refresh_every[..] {
         [] => {}
-        [every] => kinds.extend(setup.windows.iter().filter(|&&w| every > w).map(|&window| Kind::RetroRefresh { window, every, budget: None })),
+        [every] => kinds.extend(refresh_windows.iter().filter(|&&w| every > w).map(|&window| Kind::RetroRefresh { window, every, budget: None })),
         ref per_budget => {
             for (&every, &budget) in per_budget.iter().zip(&setup.budgets) {
-                let windows = setup.windows.iter().filter(|&&w| every > w);
+                let windows = refresh_windows.iter().filter(|&&w| every > w);
                 kinds.extend(windows.map(|&window| Kind::RetroRefresh { window, every, budget: Some(budget) }));
             }
         }
@@ -481,8 +534,9 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
         kinds.push(Kind::QuestOracle);
     }
     let oracle_store = args.drift_split.then(|| Arc::new(oracle::KvStore::default()));
-    let nb = setup.budgets.len();
-    let max_window = setup.windows.iter().copied().max().unwrap_or(1);
+    // The most budgets one batch runs (quest's, with the cost multiples).
+    let nb = setup.quest_budgets.len().max(setup.budgets.len());
+    let max_window = setup.windows.iter().chain(&refresh_windows).copied().max().unwrap_or(1);
 
     // One engine for everything. KV cache: the largest batch of either phase, with slack.
     let gen_prompt: Vec<u32> = tokenizer
@@ -495,7 +549,7 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
         bail!("the forced and the free-generation prompts have the same length ({gen_prompt_tokens} tokens); the harness tells them apart by length: change --prompt-tokens");
     }
     // KV cache: a batch holds every budget's forced and generating sequences at once.
-    let per_budget = forced_len + gen_prompt_tokens + setup.gen_tokens + 2 * (max_window + 2 * args.page_size);
+    let per_budget = (forced_len + gen_prompt_tokens + setup.gen_tokens).max(setup.cost_context + setup.cost_steps) + 2 * (max_window + 2 * args.page_size);
     let context = (nb * per_budget).div_ceil(1024) * 1024 + 1024;
     let model_str = model.to_string_lossy().to_string();
     let mut server_args = ServerArgs::parse_from([
@@ -514,9 +568,23 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
         match k {
             Kind::Full => vec![1.0],
             Kind::RetroRefresh { budget: Some(b), .. } => vec![b],
+            Kind::Quest => setup.quest_budgets.clone(),
             _ => setup.budgets.clone(),
         }
     };
+    // The points whose step time is measured alone (the w = 1 check and the oracle are not points).
+    let cost_points: Vec<(Kind, f64)> = if setup.cost_steps == 0 {
+        vec![]
+    } else {
+        kinds
+            .iter()
+            .filter(|k| !matches!(k, Kind::QuestOracle | Kind::Retro(1)))
+            .flat_map(|&k| kind_budgets(k).into_iter().map(move |b| (k, b)))
+            .collect()
+    };
+    if setup.cost_steps > 0 && (setup.cost_context == 0 || setup.cost_context > ids.len()) {
+        bail!("--cost-context {}: must be in 1..={} (the text's tokens)", setup.cost_context, ids.len());
+    }
     let total: u64 = kinds
         .iter()
         .map(|&k| {
@@ -525,7 +593,8 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
             let gen = if k == Kind::QuestOracle { 0 } else { n * setup.gen_tokens as u64 };
             forced + gen
         })
-        .sum();
+        .sum::<u64>()
+        + (cost_points.len() * setup.cost_steps) as u64;
     let progress = Arc::new(Progress { done: Arc::new(AtomicU64::new(0)), total, phase: Mutex::new("loading".into()), stop: AtomicBool::new(false), start: Instant::now() });
     let ticker = spawn_ticker(progress.clone());
 
@@ -537,10 +606,15 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
 
     let decode = |t: &[u32]| tokenizer.decode(t, true).unwrap_or_default();
     let meta = serde_json::json!({
-        "description": "retro-eval: KV policies against full attention on SmolLM2-135M-Instruct (f32, CPU). See docs/quality.md.",
+        "description": format!("retro-eval: KV policies against full attention on {name} (f32 activations, CPU). See docs/quality.md."),
         "command": std::env::args().collect::<Vec<_>>().join(" "),
         "quick": args.quick,
         "model": model_str,
+        "model_name": name,
+        "kv_geometry": switch.kv_geometry().map(|g| serde_json::json!({"layers": g.layers, "kv_heads": g.kv_heads, "head_dim": g.head_dim, "page_size": g.block_size, "element_bytes": g.element_bytes})),
+        "quest_budgets": setup.quest_budgets,
+        "cost_steps": setup.cost_steps,
+        "cost_context": setup.cost_context,
         "text": args.text.to_string_lossy(),
         "section": args.section,
         "section_tokens": ids.len(),
@@ -622,6 +696,8 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
                     cell.forced_secs = Some(secs);
                     let quest = policy.quest.as_deref().or(policy.retro.as_deref().map(RetroPolicy::quest));
                     cell.reads_per_step = quest.and_then(|q| q.sequence_reads(ids[i])).map(|r| r as f64 / setup.decode_steps as f64);
+                    let mean_context = setup.prompt_tokens as f64 + setup.decode_steps as f64 / 2.0;
+                    cell.kv_bytes_per_step = switch.kv_geometry().and_then(|g| g.bytes_per_step(mean_context, args.dense_layers, kind == Kind::Full, cell.reads_per_step));
                     if let Some(retro) = &policy.retro {
                         let n = wait_numbers(retro, ids[i]).await;
                         // A window of one has no past rows: its rows see their own pages (as quest's).
@@ -641,8 +717,27 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
                     cell.gen_secs = Some(secs);
                 }
                 // Results so far, so that an interrupted run keeps what it measured.
-                records = write_results(&args, &setup, &meta, &cells, &longgen, full_gen.as_deref(), &decode, &phase_times, started)?;
+                records = write_results(&args, &out, &curves, &setup, &meta, &cells, &longgen, full_gen.as_deref(), &decode, &phase_times, started)?;
             }
+        }
+        // Cost: every point alone at batch 1, greedy from a prompt of `cost_context` text tokens.
+        let cost_prompt: Vec<u32> = ids[..setup.cost_context.min(ids.len())].to_vec();
+        for (i, &(kind, budget)) in cost_points.iter().enumerate() {
+            let label = format!("cost {}/{}: {} at {budget}", i + 1, cost_points.len(), kind.label());
+            *progress.phase.lock().expect("lock poisoned") = label.clone();
+            let policy = Arc::new(PhasePolicy::new(kind, 2, args.dense_layers, None));
+            let order = vec![(cost_prompt.len(), budget)];
+            let assigned = Arc::new(Mutex::new(Vec::new()));
+            crate::policy::set_linear_paths_for(if kind == Kind::Full { crate::policy::PolicyKind::Full } else { crate::policy::PolicyKind::Quest });
+            switch.switch_to(policy.served.clone(), Some(budget_hook(policy.clone(), order, assigned.clone())))?;
+            let clock = Arc::new(Greedy::new(masked.clone(), progress.done.clone()));
+            let t = Instant::now();
+            run_batch(&engine, vec![(cost_prompt.clone(), setup.cost_steps, clock.clone())]).await?;
+            phase_times.push((label, t.elapsed().as_secs_f64()));
+            check_ids(&switch, &assigned, 1)?;
+            // The first gaps include the switch from prefill to decode.
+            cells.entry(key(kind, budget)).or_default().step_ms_cpu = clock.median_step_ms(3);
+            records = write_results(&args, &out, &curves, &setup, &meta, &cells, &longgen, full_gen.as_deref(), &decode, &phase_times, started)?;
         }
         Ok(())
     }
@@ -650,7 +745,7 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
     progress.stop.store(true, Ordering::Relaxed);
     let _ = ticker.join();
     outcome?;
-    eprintln!("retro-eval: {} records in {:.0} s → {}", records.len(), started.elapsed().as_secs_f64(), args.out.display());
+    eprintln!("retro-eval: {} records in {:.0} s → {}", records.len(), started.elapsed().as_secs_f64(), out.display());
     Ok(records)
 }
 
@@ -660,6 +755,8 @@ type Cells = BTreeMap<(String, u64, usize), Cell>;
 #[allow(clippy::too_many_arguments)]
 fn write_results(
     args: &EvalArgs,
+    out_path: &Path,
+    curves_path: &Path,
     setup: &Setup,
     meta: &serde_json::Value,
     cells: &Cells,
@@ -717,6 +814,11 @@ fn write_results(
                 .and_then(|q| Some(cell.reads_per_step? / q.reads_per_step?)),
             forced_batch_seconds: cell.forced_secs,
             gen_batch_seconds: cell.gen_secs,
+            kv_bytes_per_step: cell.kv_bytes_per_step,
+            step_ms_cpu: cell.step_ms_cpu,
+            step_ms_gpu_b1: None,
+            step_ms_gpu_b8: None,
+            task_score: None,
         };
         if policy == "retro" && *window == 1 {
             // The check run: it must equal quest exactly.
@@ -746,10 +848,10 @@ fn write_results(
         phase_times.iter().map(|(n, s)| serde_json::json!({"phase": n, "seconds": s})).collect::<Vec<_>>().into(),
     );
     obj.insert("records".into(), serde_json::to_value(&records)?);
-    write_json(&args.out, &out)?;
-    if args.curves.as_os_str() != "none" {
+    write_json(out_path, &out)?;
+    if curves_path.as_os_str() != "none" {
         if let Some(curves) = curves_json(cells, setup) {
-            write_json(&args.curves, &curves)?;
+            write_json(curves_path, &curves)?;
         }
     }
     Ok(records)
@@ -768,6 +870,29 @@ fn curves_json(cells: &Cells, setup: &Setup) -> Option<serde_json::Value> {
         })
         .collect();
     Some(serde_json::json!({"budget": budget, "prompt_tokens": setup.prompt_tokens, "series": series}))
+}
+
+/// The model's name in result file names: the file's stem or the directory's name, lowercase.
+fn model_name(model: &Path) -> String {
+    let stem = if model.is_file() { model.file_stem() } else { model.file_name() };
+    let stem = stem.map(|s| s.to_string_lossy().to_lowercase()).unwrap_or_else(|| "model".into());
+    stem.chars().map(|c| if c.is_ascii_alphanumeric() || ".-_".contains(c) { c } else { '_' }).collect()
+}
+
+/// `--tokenizer`, else the one a .gguf file describes, else the model directory's tokenizer.json.
+fn load_tokenizer(model: &Path, file: Option<&Path>) -> Result<tokenizers::Tokenizer> {
+    let file = match file {
+        Some(file) => file.to_path_buf(),
+        None if model.is_file() => {
+            let built = crate::convert::tokenizer_from_gguf(model).with_context(|| format!("the tokenizer of {} (or name one with --tokenizer)", model.display()))?;
+            for w in &built.warnings {
+                eprintln!("retro-eval: tokenizer: {w}");
+            }
+            return Ok(built.tokenizer);
+        }
+        None => model.join("tokenizer.json"),
+    };
+    tokenizers::Tokenizer::from_file(&file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {

@@ -22,6 +22,32 @@ struct SavedAllocation {
     caches: Vec<(Tensor, Tensor)>,
 }
 
+/// The KV cache's shape, for the bytes a decode step reads.
+#[derive(Clone, Copy, Debug)]
+pub struct KvGeometry {
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+    pub element_bytes: usize,
+}
+
+impl KvGeometry {
+    /// K/V bytes one decode step of one sequence reads at `context` tokens: every layer's K and V
+    /// for `full`; for a sparse policy the dense layers' K and V, the `sparse_reads` (page, KV head)
+    /// pairs its sparse layers load, and the page summaries (f32 min and max) they score.
+    pub fn bytes_per_step(&self, context: f64, dense_layers: usize, full: bool, sparse_reads: Option<f64>) -> Option<f64> {
+        let token = (self.kv_heads * self.head_dim * 2 * self.element_bytes) as f64;
+        if full {
+            return Some(context * self.layers as f64 * token);
+        }
+        let dense = dense_layers.min(self.layers);
+        let page = (self.block_size * self.head_dim * 2 * self.element_bytes) as f64;
+        let summaries = (self.layers - dense) as f64 * (context / self.block_size as f64).ceil() * (self.kv_heads * 2 * self.head_dim * 4) as f64;
+        Some(dense as f64 * context * token + sparse_reads? * page + summaries)
+    }
+}
+
 pub struct SwitchPolicy {
     inner: RwLock<Arc<dyn ServedPolicy>>,
     allocation: Mutex<Option<SavedAllocation>>,
@@ -66,6 +92,15 @@ impl SwitchPolicy {
         self.seen.lock().expect("lock poisoned").clear();
         *self.on_new_sequence.lock().expect("lock poisoned") = hook;
         Ok(())
+    }
+
+    /// The shape of the KV cache allocated so far.
+    pub fn kv_geometry(&self) -> Option<KvGeometry> {
+        let saved = self.allocation.lock().expect("lock poisoned");
+        let saved = saved.as_ref()?;
+        // Value cache: `[blocks, kv_heads, head_dim, block_size]`.
+        let (_, kv_heads, head_dim, _) = saved.caches.first()?.1.dims4().ok()?;
+        Some(KvGeometry { layers: saved.caches.len(), kv_heads, head_dim, block_size: saved.block_size, element_bytes: saved.dtype.size_in_bytes() })
     }
 
     /// Sequence ids written since the last switch.
