@@ -218,7 +218,9 @@ def run(args):
         name, extra, extra_flags = policy_spec(policy)
         flags = ["--model", args.model, "--dtype", "bf16", "--kv-policy", name, "--max-seqs", str(max(args.batches)),
                  "--pa-context-len", str(args.kv_tokens), "--max-seq-len", str(max(args.contexts) + 4096)]
-        flags += [] if name == "full" else ["--kv-budget-tokens", str(args.budget)]
+        # A spec may carry its own budget (`quest:--kv-budget-ratio=0.1`); otherwise --budget tokens.
+        own_budget = any(e.startswith("--kv-budget") for e in extra)
+        flags += [] if name == "full" or own_budget else ["--kv-budget-tokens", str(args.budget)]
         flags += extra_flags
         label = name + ("" if not extra else " " + " ".join(extra))
         model = os.path.basename(os.path.normpath(args.model))
@@ -229,8 +231,12 @@ def run(args):
                 for b in args.batches:
                     prompts = [words_prompt(ctx, 1000 * ctx + i, tok) for i in range(b)]
                     m = measure(args.port, prompts, args.window, args.max_tokens, 0.0 if args.together else 0.2)
-                    rec = {"kind": "e2e", "model": model, "policy": name, "context": ctx, "batch": b, "budget": args.budget,
-                           "window": int(dict(e.split("=", 1) for e in extra if "=" in e).get("--kv-window", 2 if name == "retro" else 1)),
+                    spec = dict(e.split("=", 1) for e in extra if "=" in e)
+                    ratio = spec.get("--kv-budget-ratio")
+                    rec = {"kind": "e2e", "model": model, "policy": name, "context": ctx, "batch": b,
+                           "budget": None if ratio or name == "full" else args.budget,
+                           "budget_ratio": float(ratio) if ratio else None,
+                           "window": int(spec.get("--kv-window", 2 if name == "retro" else 1)),
                            "flags": extra,
                            "ms": 1e3 * b / m["tok_s"] if m["tok_s"] else None, "gbps": None, "tok_s": m["tok_s"],
                            "prefill_s": m["prefill_s"], "together": args.together,
