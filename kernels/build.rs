@@ -40,7 +40,7 @@ fn main() {
             .arg(&dst)
             .arg(&src)
             .status()
-            .unwrap_or_else(|e| panic!("retro-kernels: cannot run nvcc ({nvcc}): {e}; see ../shared/GPU.md"));
+            .unwrap_or_else(|e| panic!("retro-kernels: cannot run nvcc ({nvcc}): {e}; see docs/gpu.md, \"Building for the GPU\""));
         assert!(status.success(), "retro-kernels: nvcc failed on {src}");
     }
     std::fs::write(&stamp, flags).expect("write cubins.stamp");

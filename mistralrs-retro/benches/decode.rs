@@ -80,7 +80,7 @@ fn main() {
     exposure(&common);
 }
 
-/// Effective KV exposure (DESIGN §3) after one long greedy generation, per window, from /metrics.
+/// Effective KV exposure (docs/design.md §3) after one long greedy generation, per window, from /metrics.
 fn exposure(common: &[&str]) {
     const GENERATED: usize = 512;
     let prompt = log_prompt(2048);

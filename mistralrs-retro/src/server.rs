@@ -24,7 +24,7 @@ use crate::policy::{PolicyKind, ServedPolicy};
 use crate::tp::RingRank;
 
 /// Architectures (config.json `model_type`, GGUF `general.architecture`) whose decode path was
-/// checked to take a replay window (shared/REPLAY.md §2): no recurrent state, no MLA decode.
+/// checked to take a replay window (docs/design.md §8): no recurrent state, no MLA decode.
 pub const REPLAY_ARCHITECTURES: [&str; 4] = ["llama", "mistral", "qwen2", "phi3"];
 
 /// Block sizes the paged KV cache (upstream's and ours) supports.

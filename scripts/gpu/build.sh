@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Builds the GPU check and benchmark binaries and the CUDA server on this CPU-only machine (CUDA 13.0
-# toolkit from PyPI, see ../shared/GPU.md) and packs them, xz-compressed, into gpu-dist/ for the GPU
-# machine, with the end-to-end driver, the SmolLM2 tokenizer (for the random-weight model) and the
-# SmolLM2 GGUF in two parts, gpu-dist/gguf-{1,2}/ (one transfer carries 64 MiB: send one part
-# with each call; run.sh stashes them in $HOME/gguf-parts on the GPU machine until all are there).
+# toolkit from PyPI, set up by scripts/gpu/cuda-toolkit.sh; see docs/gpu.md, "Building for the GPU")
+# and packs them, xz-compressed, into gpu-dist/ for the GPU machine, with the end-to-end driver, the
+# SmolLM2 tokenizer (for the random-weight model) and the SmolLM2 GGUF in two parts,
+# gpu-dist/gguf-{1,2}/ (one transfer carries 64 MiB: send one part with each call; run.sh stashes
+# them in $HOME/gguf-parts on the GPU machine until all are there).
 # Usage: scripts/gpu/build.sh   (first run: mistralrs-core with cuda, ~30 minutes on 2 cores)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -11,7 +12,7 @@ cd "$root"
 ./scripts/prepare-upstream.sh
 cargo fetch --quiet
 # shellcheck disable=SC1091
-source "$root/../shared/gpu/cuda-toolkit.sh" >/dev/null
+source "$root/scripts/gpu/cuda-toolkit.sh" >/dev/null
 export CARGO_TARGET_DIR="$root/target/cuda"
 cargo build --release -p mistralrs-retro --features cuda --bin retro-gpu-check --bin retro-gpu-bench --bin mistralrs-server
 rm -rf gpu-dist/gguf-*; mkdir -p gpu-dist/gguf-1 gpu-dist/gguf-2

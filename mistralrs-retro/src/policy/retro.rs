@@ -1,7 +1,7 @@
 //! `retro`: Quest plus RetroAttention (arXiv 2508.09001), on CPU and CUDA (the output cache's
 //! bookkeeping by position is host memory on both; on CUDA its values and the rows' seen-page
 //! bitsets live on the device, so a window step reads nothing back, see `device.rs`).
-//! DESIGN.md §3 is the algorithm.
+//! docs/design.md §3 is the algorithm.
 //!
 //! The core patch `0003-replay-window` makes every decode step feed each sequence's last w tokens;
 //! this policy turns those rows into RetroAttention:

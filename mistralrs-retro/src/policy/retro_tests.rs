@@ -1,4 +1,4 @@
-//! The oracles of DESIGN.md §5 for the sparse policies, on random data, through the real policy
+//! The oracles of docs/design.md §5 for the sparse policies, on random data, through the real policy
 //! objects (`KvPolicy` calls as paged attention makes them) over a simulated decode:
 //! (a) a budget ≥ the context gives full attention; (c) `retro` with w = 1 is `quest` bit for bit;
 //! (d) after its supplements, every row of the window equals its query attending to exactly the
