@@ -11,7 +11,7 @@
 //!    step; every other run measures per step the NLL of the text token and KL(full ‖ policy).
 //! 2. Free generation ([`forcing::Greedy`]): a LongGenBench-style prompt (`longgen`), greedy:
 //!    tokens agreeing with `full` up to the first divergence, and per-problem final answers.
-//! 3. Effective exposure of retro's rows (DESIGN §3), per sequence, from the policy.
+//! 3. Effective exposure of retro's rows (docs/design.md §3.2), per sequence, from the policy.
 //!
 //! `docs/quality.md` describes the method and the results.
 
