@@ -155,16 +155,29 @@ impl Greedy {
         self.tokens.lock().expect("lock poisoned").clone()
     }
 
-    /// Median milliseconds between consecutive tokens after the first `skip` (warm-up) gaps:
-    /// the decode step time of a sequence running alone.
-    pub fn median_step_ms(&self, skip: usize) -> Option<f64> {
+    /// Milliseconds between consecutive tokens after the first `skip` (warm-up) gaps.
+    fn step_gaps_ms(&self, skip: usize) -> Vec<f64> {
         let times = self.times.lock().expect("lock poisoned");
-        let mut gaps: Vec<f64> = times.windows(2).skip(skip).map(|w| (w[1] - w[0]).as_secs_f64() * 1e3).collect();
+        times.windows(2).skip(skip).map(|w| (w[1] - w[0]).as_secs_f64() * 1e3).collect()
+    }
+
+    /// The median step after `skip` warm-up gaps: the decode step time of a sequence running
+    /// alone, robust to the machine's hiccups.
+    pub fn median_step_ms(&self, skip: usize) -> Option<f64> {
+        let mut gaps = self.step_gaps_ms(skip);
         if gaps.is_empty() {
             return None;
         }
         gaps.sort_by(f64::total_cmp);
         Some(gaps[gaps.len() / 2])
+    }
+
+    /// The mean step over the last `periods × period` gaps: for a policy whose steps differ by
+    /// design (a refresh every `period` steps), the cost per step amortized over whole periods.
+    pub fn mean_step_ms_over_periods(&self, period: usize, periods: usize) -> Option<f64> {
+        let gaps = self.step_gaps_ms(0);
+        let n = period * periods;
+        (n > 0 && gaps.len() >= n).then(|| gaps[gaps.len() - n..].iter().sum::<f64>() / n as f64)
     }
 }
 

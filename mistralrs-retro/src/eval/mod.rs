@@ -84,7 +84,8 @@ pub struct EvalArgs {
     #[arg(long, value_delimiter = ',')]
     pub quest_cost_multiples: Option<Vec<f64>>,
     /// Decode steps each (policy, budget, window) point runs alone after the quality runs, to
-    /// measure its step time on this machine (0 skips) [default: 48; quick 16].
+    /// measure its step time on this machine (0 skips; a refresh runs at least two periods)
+    /// [default: 48; quick 16].
     #[arg(long)]
     pub cost_steps: Option<usize>,
     /// Context the step time is measured at [default: the forced run's mean context, prompt +
@@ -175,7 +176,8 @@ pub struct QualityRecord {
     /// K/V bytes a decode step reads at the forced run's mean context: pages (and, for the sparse
     /// policies, the dense layers and the page summaries scored).
     pub kv_bytes_per_step: Option<f64>,
-    /// Median decode step of this point running alone, batch 1, at `cost_context`, this machine.
+    /// Decode step of this point running alone, batch 1, at `cost_context`, this machine: the
+    /// median step, or for a refresh the mean over two whole refresh periods.
     pub step_ms_cpu: Option<f64>,
     /// The same on the GPU (random-weight Llama-3.1-8B shape), merged in from its own run.
     pub step_ms_gpu_b1: Option<f64>,
@@ -395,6 +397,9 @@ impl EvalArgs {
     }
 }
 
+/// Step gaps left out of a cost measurement: the first include the switch from prefill to decode.
+const COST_WARMUP_STEPS: usize = 3;
+
 /// Send one request (requests reach the engine, and get their sequence ids, in the order sent).
 async fn submit(
     engine: &MistralRs,
@@ -594,7 +599,7 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
             forced + gen
         })
         .sum::<u64>()
-        + (cost_points.len() * setup.cost_steps) as u64;
+        + cost_points.iter().map(|(k, _)| setup.cost_steps.max(k.refresh_every().map_or(0, |e| 2 * e + COST_WARMUP_STEPS + 1))).sum::<usize>() as u64;
     let progress = Arc::new(Progress { done: Arc::new(AtomicU64::new(0)), total, phase: Mutex::new("loading".into()), stop: AtomicBool::new(false), start: Instant::now() });
     let ticker = spawn_ticker(progress.clone());
 
@@ -731,12 +736,21 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
             crate::policy::set_linear_paths_for(if kind == Kind::Full { crate::policy::PolicyKind::Full } else { crate::policy::PolicyKind::Quest });
             switch.switch_to(policy.served.clone(), Some(budget_hook(policy.clone(), order, assigned.clone())))?;
             let clock = Arc::new(Greedy::new(masked.clone(), progress.done.clone()));
+            // A refresh's dense steps are part of its cost: two whole periods after the warm-up.
+            let steps = match kind.refresh_every() {
+                Some(every) => setup.cost_steps.max(2 * every + COST_WARMUP_STEPS + 1),
+                None => setup.cost_steps,
+            };
             let t = Instant::now();
-            run_batch(&engine, vec![(cost_prompt.clone(), setup.cost_steps, clock.clone())]).await?;
+            run_batch(&engine, vec![(cost_prompt.clone(), steps, clock.clone())]).await?;
             phase_times.push((label, t.elapsed().as_secs_f64()));
             check_ids(&switch, &assigned, 1)?;
-            // The first gaps include the switch from prefill to decode.
-            cells.entry(key(kind, budget)).or_default().step_ms_cpu = clock.median_step_ms(3);
+            let cell = cells.entry(key(kind, budget)).or_default();
+            cell.refresh_every = kind.refresh_every();
+            cell.step_ms_cpu = match kind.refresh_every() {
+                Some(every) => clock.mean_step_ms_over_periods(every, 2),
+                None => clock.median_step_ms(COST_WARMUP_STEPS),
+            };
             records = write_results(&args, &out, &curves, &setup, &meta, &cells, &longgen, full_gen.as_deref(), &decode, &phase_times, started)?;
         }
         Ok(())
