@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Plots KL(full || policy) against decode position at the ~10% budget from retro-eval's
-docs/results/quality_kl_curves.json into docs/quality_kl.png.
+"""Plots KL(full || policy) against decode position at the ~10% budget from
+a retro-eval curves file (default: docs/results/quality_smollm2-135m-instruct-f32_kl_curves.json) into a PNG (default docs/quality_kl.png).
 
 Not part of CI. Needs matplotlib (e.g. `python3 -m venv /tmp/plot && /tmp/plot/bin/pip install
 matplotlib`, then `/tmp/plot/bin/python docs/plot_quality.py`).
@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 here = pathlib.Path(__file__).resolve().parent
-src = pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else here / "results" / "quality_kl_curves.json"
+src = pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else here / "results" / "quality_smollm2-135m-instruct-f32_kl_curves.json"
 dst = pathlib.Path(sys.argv[2]) if len(sys.argv) > 2 else here / "quality_kl.png"
 data = json.loads(src.read_text())
 WINDOW = 128  # moving-average width in steps

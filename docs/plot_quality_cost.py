@@ -99,7 +99,9 @@ def main():
     models = [(json.loads(f.read_text())) for f in files]
     axes_used = [a for a in AXES if any(r.get(a[0]) is not None for m in models for r in m["records"])]
     fig, grid = plt.subplots(len(models), len(axes_used), figsize=(4.2 * len(axes_used), 3.6 * len(models)), squeeze=False)
-    colors = {"quest": "tab:blue", "retro w=2": "tab:orange", "retro w=4": "tab:green", "retro w=8": "tab:purple"}
+    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink"]
+    names = sorted({label(r) for m in models for r in m["records"] if r["policy"] != "full"}, key=lambda n: (n != "quest", n))
+    colors = {n: palette[i % len(palette)] for i, n in enumerate(names)}
     for row, m in enumerate(models):
         records = [r for r in m["records"] if r.get("kl_mean") is not None]
         name = m.get("model_name", "model")

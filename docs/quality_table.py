@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""Prints the Markdown tables of docs/quality.md from retro-eval's docs/results/quality.json
-(standard library only): `python3 docs/quality_table.py [quality.json]`."""
+"""Prints the Markdown tables of docs/quality.md from a retro-eval results file
+(standard library only): `python3 docs/quality_table.py [docs/results/quality_<model>.json]` (default: the SmolLM2 grid)."""
 import json
 import pathlib
 import sys
 
-src = pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else pathlib.Path(__file__).resolve().parent / "results" / "quality.json"
+src = pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else pathlib.Path(__file__).resolve().parent / "results" / "quality_smollm2-135m-instruct-f32.json"
 d = json.loads(src.read_text())
 recs = d["records"]
 

@@ -34,9 +34,11 @@ def merge_cpu(cost_path, path):
         sys.exit(f"{cost_path} measured {cost.get('model')}, {path} {d.get('model')}")
     n = 0
     for rec in d["records"]:
-        rec["step_ms_cpu"] = times.get(point(rec))
-        n += rec["step_ms_cpu"] is not None
-    d["cpu_cost"] = {k: cost.get(k) for k in ("command", "cost_steps", "cost_context", "machine", "phase_seconds")}
+        if point(rec) in times:  # points the cost run did not measure keep their time
+            rec["step_ms_cpu"] = times[point(rec)]
+            n += 1
+    run = {k: cost.get(k) for k in ("command", "cost_steps", "cost_context", "machine", "phase_seconds")}
+    d["cpu_cost"] = [r for r in d.get("cpu_cost", []) if r.get("command") != run["command"]] + [run]
     save(path, d)
     print(f"{path}: {n} CPU step times of {len(d['records'])} records")
 

@@ -136,7 +136,7 @@ pub struct EvalArgs {
     pub curves: Option<PathBuf>,
 }
 
-/// One row of `quality.json`.
+/// One row of the results file (`docs/results/quality_<model>.json`).
 #[derive(Serialize, Clone, Debug)]
 pub struct QualityRecord {
     pub policy: String,
