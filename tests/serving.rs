@@ -238,8 +238,9 @@ fn sixty_four_concurrent_streams_complete_well_formed() {
                 assert_eq!(status, 200, "stream {n}: {text}");
                 let events = common::sse_events(&text);
                 if events.last().map(String::as_str) != Some("[DONE]") {
-                    // Seen in about 1 run in 10 (session 7): a stream cut mid-generation, no finish
-                    // reason, no [DONE]. The server's log is what the next look needs.
+                    // Seen in about 1 run in 10 before patch 0010 (docs/serving.md): a stream cut
+                    // mid-generation, no finish reason, no [DONE]. The server's log is what a
+                    // diagnosis needs.
                     let log = server.log_lines();
                     let tail = log[log.len().saturating_sub(60)..].join("\n");
                     panic!("stream {n} does not end with [DONE] ({} events): {text}\nSERVER LOG TAIL:\n{tail}", events.len());

@@ -1,4 +1,4 @@
-// Standalone microbenchmark (session 9) for issue 4: the 2..8-row linear kernel of patch
+// Standalone microbenchmark for issue 4: the 2..8-row linear kernel of patch
 // mistralrs-quant/0001 (`rows::<M>`, one 8-lane accumulator per input row) against a variant with four
 // accumulators per input row (`rows4`). A perf profile of the server at ~6.5K context puts 64% of
 // retro w=2's extra CPU time over quest in `rows_avx2::<2>`: with one accumulator per row, M = 2 gives

@@ -1,6 +1,6 @@
 set -u
 # Usage (GPU machine, repository root, gpu-dist/ carried): OUT=dir bash scripts/gpu/ncu-launches.sh; then
-# python3 scripts/gpu/ncu_per_step.py DIR here. The "retro2dense" variant did not complete under ncu (session 8).
+# python3 scripts/gpu/ncu_per_step.py DIR here. The "retro2dense" variant did not complete under ncu when last run.
 # Kernel launches per decode step by policy: ncu records every launch of a server run answering one
 # request of T tokens; (launches at T=33) - (launches at T=1) = 32 decode steps.
 mkdir -p gpu-bin gpu-work

@@ -5,8 +5,9 @@
 //! attention and MLP, the LM head, sampling, the scheduler, building the next step's inputs). The
 //! device is synchronized at those two writes only, so the host's clock measures GPU progress; that
 //! costs the overlap of host and GPU work across the two points, a few percent of a step. Averages go
-//! to the log every 64 decode steps of one batch size. There is no Nsight Systems on the GPU machine,
-//! and this answers the question the batch-8 runs left (docs/gpu.md, session 14) without one.
+//! to the log every 64 decode steps of one batch size. There is no Nsight Systems on the GPU machine;
+//! this says without one where a batch-8 step's extra time goes (docs/gpu.md, "The step around
+//! attention").
 
 use std::sync::{LazyLock, Mutex};
 use std::time::Instant;

@@ -1,7 +1,7 @@
 #!/bin/bash
-# A kernel microbenchmark for issue 6 (prepared in session 9; NOT YET RUN: no GPU was lent that session).
-# mistralrs-quant 0.8.1's batched GEMV (used for 1-8 rows; retro's second row costs 1.51x there, the
-# session 8 census) against gemv_wide.cuh, the same sums over 16-byte loads (each thread owns 4 or 8
+# A kernel microbenchmark for issue 6 (results: docs/results/archive/gemv_bench_wide_loads.csv, docs/gpu.md).
+# mistralrs-quant 0.8.1's batched GEMV (used for 1-8 rows; 2 rows cost 1.51x of 1 there in an Nsight
+# Compute census of a decode step, scripts/gpu/ncu-launches.sh) against gemv_wide.cuh, the same sums over 16-byte loads (each thread owns 4 or 8
 # of upstream's 256 threads, and the reductions replay upstream's butterfly), so results must be
 # bit-identical: the bench checks that for every shape and row count before timing.
 #
