@@ -11,7 +11,8 @@ matplotlib`).
 "Gap closed at equal cost" compares a point with Quest at the same cost: Quest's KL is interpolated
 linearly between the two Quest points whose cost brackets the point's (Quest's points sorted by
 cost, each replaced by the best KL at that cost or less, so noise cannot make Quest look worse than
-a cheaper Quest point). Outside Quest's measured range it is left empty.
+a cheaper Quest point). A point costlier than every Quest point and beaten by one of them is
+"dominated"; otherwise, outside Quest's measured range, the cell is left empty.
 """
 import json
 import math
@@ -80,7 +81,10 @@ def table(records, model):
         for key, _, _ in AXES[:2]:
             quest = [(x[key], x["kl_mean"]) for x in records if x["policy"] == "quest" and x.get(key) is not None]
             k = quest_kl_at(quest, r[key]) if r.get(key) is not None and r["policy"] not in ("full", "quest") else None
-            eq.append("–" if not k else f"{100 * (1 - r['kl_mean'] / k):+.1f}%")
+            # Costlier than every Quest point and beaten by one of them: nothing to interpolate.
+            beaten = r.get(key) is not None and r["policy"] not in ("full", "quest") and quest and \
+                r[key] > max(c for c, _ in quest) and any(kq < r["kl_mean"] for _, kq in quest)
+            eq.append("dominated" if k is None and beaten else "–" if not k else f"{100 * (1 - r['kl_mean'] / k):+.1f}%")
         fmt = lambda v, s=1.0, d=1: "–" if v is None else f"{v * s:.{d}f}"
         front = " / ".join("yes" if i in fronts[key] else ("–" if r.get(key) is None else "no") for key, _, _ in AXES)
         print(f"| {label(r)} | {100 * r['budget']:.4g}% | {r['kl_mean']:.4f} | {same} | {eq[0]} | {eq[1]} | "
