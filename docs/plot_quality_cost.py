@@ -73,7 +73,7 @@ def table(records, model):
         pts = [(r[key], r["kl_mean"]) for r in records if r.get(key) is not None and r.get("kl_mean") is not None]
         idx = [i for i, r in enumerate(records) if r.get(key) is not None and r.get("kl_mean") is not None]
         fronts[key] = {idx[i] for i in pareto(pts)}
-    for i, r in enumerate(sorted(records, key=lambda r: (r["budget"], r["policy"] != "quest", label(r)))):
+    for r in sorted(records, key=lambda r: (r["budget"], r["policy"] != "quest", label(r))):
         i = records.index(r)
         q = quest_by_budget.get(r["budget"])
         same = "–" if r["policy"] in ("full", "quest") or not q else f"{100 * (1 - r['kl_mean'] / q):+.1f}%"

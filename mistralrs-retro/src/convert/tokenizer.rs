@@ -12,8 +12,8 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::sequence::Sequence as PostProcessorSequence;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{
-    AddedToken, DecoderWrapper, SplitDelimiterBehavior, ModelWrapper, NormalizerWrapper, PostProcessorWrapper,
-    PreTokenizerWrapper, Tokenizer, TokenizerBuilder,
+    AddedToken, DecoderWrapper, ModelWrapper, NormalizerWrapper, PostProcessorWrapper,
+    PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer, TokenizerBuilder,
 };
 
 use super::metadata::Metadata;

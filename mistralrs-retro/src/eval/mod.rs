@@ -80,7 +80,7 @@ pub struct EvalArgs {
     #[arg(long, value_delimiter = ',')]
     pub windows: Option<Vec<usize>>,
     /// Quest also runs at these multiples of every budget, so that each retro point has a Quest
-    /// point of about its cost [default: 1.25,1.5,2; quick none]; `--quest-cost-multiples ''` for none.
+    /// point of about its cost [default: 1.25,1.5,2; quick none]; `--quest-cost-multiples 1` for none.
     #[arg(long, value_delimiter = ',')]
     pub quest_cost_multiples: Option<Vec<f64>>,
     /// Decode steps each (policy, budget, window) point runs alone after the quality runs, to
@@ -400,6 +400,14 @@ impl EvalArgs {
 /// Step gaps left out of a cost measurement: the first include the switch from prefill to decode.
 const COST_WARMUP_STEPS: usize = 3;
 
+impl Setup {
+    /// Decode steps a point's cost run takes: a refresh's dense steps are part of its cost, so it
+    /// runs two whole periods after the warm-up.
+    fn cost_steps_for(&self, kind: Kind) -> usize {
+        kind.refresh_every().map_or(self.cost_steps, |every| self.cost_steps.max(2 * every + COST_WARMUP_STEPS + 1))
+    }
+}
+
 /// Send one request (requests reach the engine, and get their sequence ids, in the order sent).
 async fn submit(
     engine: &MistralRs,
@@ -599,7 +607,7 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
             forced + gen
         })
         .sum::<u64>()
-        + cost_points.iter().map(|(k, _)| setup.cost_steps.max(k.refresh_every().map_or(0, |e| 2 * e + COST_WARMUP_STEPS + 1))).sum::<usize>() as u64;
+        + cost_points.iter().map(|&(k, _)| setup.cost_steps_for(k)).sum::<usize>() as u64;
     let progress = Arc::new(Progress { done: Arc::new(AtomicU64::new(0)), total, phase: Mutex::new("loading".into()), stop: AtomicBool::new(false), start: Instant::now() });
     let ticker = spawn_ticker(progress.clone());
 
@@ -610,13 +618,16 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
     let mut phase_times = Vec::new();
 
     let decode = |t: &[u32]| tokenizer.decode(t, true).unwrap_or_default();
+    // The cache is allocated once, with the engine; K/V bytes are counted at the forced run's mean context.
+    let kv_geometry = switch.kv_geometry();
+    let mean_context = setup.prompt_tokens as f64 + setup.decode_steps as f64 / 2.0;
     let meta = serde_json::json!({
         "description": format!("retro-eval: KV policies against full attention on {name} (f32 activations, CPU). See docs/quality.md."),
         "command": std::env::args().collect::<Vec<_>>().join(" "),
         "quick": args.quick,
         "model": model_str,
         "model_name": name,
-        "kv_geometry": switch.kv_geometry().map(|g| serde_json::json!({"layers": g.layers, "kv_heads": g.kv_heads, "head_dim": g.head_dim, "page_size": g.block_size, "element_bytes": g.element_bytes})),
+        "kv_geometry": kv_geometry.map(|g| serde_json::json!({"layers": g.layers, "kv_heads": g.kv_heads, "head_dim": g.head_dim, "page_size": g.block_size, "element_bytes": g.element_bytes})),
         "quest_budgets": setup.quest_budgets,
         "cost_steps": setup.cost_steps,
         "cost_context": setup.cost_context,
@@ -678,10 +689,7 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
                         order.push((gen_prompt.len(), b));
                     }
                 }
-                let assigned = Arc::new(Mutex::new(Vec::new()));
-                // As `policy::install` does when serving (the switch installs no policy itself).
-                crate::policy::set_linear_paths_for(if kind == Kind::Full { crate::policy::PolicyKind::Full } else { crate::policy::PolicyKind::Quest });
-                switch.switch_to(policy.served.clone(), Some(budget_hook(policy.clone(), order.clone(), assigned.clone())))?;
+                let assigned = activate(&switch, kind, &policy, order.clone())?;
                 let t = Instant::now();
                 run_batch(&engine, jobs).await?;
                 let secs = t.elapsed().as_secs_f64();
@@ -701,8 +709,7 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
                     cell.forced_secs = Some(secs);
                     let quest = policy.quest.as_deref().or(policy.retro.as_deref().map(RetroPolicy::quest));
                     cell.reads_per_step = quest.and_then(|q| q.sequence_reads(ids[i])).map(|r| r as f64 / setup.decode_steps as f64);
-                    let mean_context = setup.prompt_tokens as f64 + setup.decode_steps as f64 / 2.0;
-                    cell.kv_bytes_per_step = switch.kv_geometry().and_then(|g| g.bytes_per_step(mean_context, args.dense_layers, kind == Kind::Full, cell.reads_per_step));
+                    cell.kv_bytes_per_step = kv_geometry.and_then(|g| g.bytes_per_step(mean_context, args.dense_layers, kind == Kind::Full, cell.reads_per_step));
                     if let Some(retro) = &policy.retro {
                         let n = wait_numbers(retro, ids[i]).await;
                         // A window of one has no past rows: its rows see their own pages (as quest's).
@@ -732,17 +739,10 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
             *progress.phase.lock().expect("lock poisoned") = label.clone();
             let policy = Arc::new(PhasePolicy::new(kind, 2, args.dense_layers, None));
             let order = vec![(cost_prompt.len(), budget)];
-            let assigned = Arc::new(Mutex::new(Vec::new()));
-            crate::policy::set_linear_paths_for(if kind == Kind::Full { crate::policy::PolicyKind::Full } else { crate::policy::PolicyKind::Quest });
-            switch.switch_to(policy.served.clone(), Some(budget_hook(policy.clone(), order, assigned.clone())))?;
+            let assigned = activate(&switch, kind, &policy, order)?;
             let clock = Arc::new(Greedy::new(masked.clone(), progress.done.clone()));
-            // A refresh's dense steps are part of its cost: two whole periods after the warm-up.
-            let steps = match kind.refresh_every() {
-                Some(every) => setup.cost_steps.max(2 * every + COST_WARMUP_STEPS + 1),
-                None => setup.cost_steps,
-            };
             let t = Instant::now();
-            run_batch(&engine, vec![(cost_prompt.clone(), steps, clock.clone())]).await?;
+            run_batch(&engine, vec![(cost_prompt.clone(), setup.cost_steps_for(kind), clock.clone())]).await?;
             phase_times.push((label, t.elapsed().as_secs_f64()));
             check_ids(&switch, &assigned, 1)?;
             let cell = cells.entry(key(kind, budget)).or_default();
@@ -925,6 +925,16 @@ fn machine() -> serde_json::Value {
         "threads": std::thread::available_parallelism().map(|n| n.get()).ok(),
         "os": std::env::consts::OS,
     })
+}
+
+/// Makes `policy` the one the engine runs for the next batch, whose requests are `order` (prompt
+/// length, budget); returns where the batch's sequence ids will be recorded (see [`check_ids`]).
+fn activate(switch: &SwitchPolicy, kind: Kind, policy: &Arc<PhasePolicy>, order: Vec<(usize, f64)>) -> Result<Arc<Mutex<Vec<Option<usize>>>>> {
+    let assigned = Arc::new(Mutex::new(Vec::new()));
+    // As `policy::install` does when serving (the switch installs no policy itself).
+    crate::policy::set_linear_paths_for(if kind == Kind::Full { crate::policy::PolicyKind::Full } else { crate::policy::PolicyKind::Quest });
+    switch.switch_to(policy.served.clone(), Some(budget_hook(policy.clone(), order, assigned.clone())))?;
+    Ok(assigned)
 }
 
 /// Gives the sequences of a batch their budgets. A batch holds up to two kinds of request (forced,
