@@ -145,8 +145,12 @@ unsafe fn row_dot_avx2<T: HalfWeight, const R: usize>(w: &[T], x: &[f32], out: &
     let body = k / 16 * 16;
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
     let (wp, xp) = (w.as_ptr(), x.as_ptr());
+    // The caller's next calls read the following weight rows (contiguous): fetching the row two
+    // ahead while this one is read keeps decode from waiting on each line's first touch.
+    let ahead = wp.wrapping_add(2 * k);
     let mut c = 0;
     while c < body {
+        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(c) as *const i8);
         let w0 = T::load8(wp.add(c));
         let w1 = T::load8(wp.add(c + 8));
         for r in 0..R {
