@@ -37,11 +37,23 @@ PY
 fi
 
 # The conversion is ours; re-run it when the converter's source changes.
-stamp=$(find "$root/mistralrs-retro/src/convert" "$root/mistralrs-retro/src/bin/convert-gguf.rs" -name '*.rs' -type f | sort | xargs cat | sha256sum | cut -d' ' -f1)
+# The model card's recommended sampling (HuggingFaceTB/SmolLM2-135M-Instruct: temperature 0.2, top_p
+# 0.9), which the server applies to requests that set no sampling field; the GGUF does not carry it.
+sampling='{"do_sample": true, "temperature": 0.2, "top_p": 0.9}'
+stamp=$( (find "$root/mistralrs-retro/src/convert" "$root/mistralrs-retro/src/bin/convert-gguf.rs" -name '*.rs' -type f | sort | xargs cat; echo "$sampling") | sha256sum | cut -d' ' -f1)
 if [ ! -f "$hf_dir/.convert-stamp" ] || [ "$(cat "$hf_dir/.convert-stamp")" != "$stamp" ]; then
   echo "fetch-smollm2: building convert-gguf (a cold build of mistral.rs takes ~15 minutes on 2 cores) and converting to f32 safetensors in $hf_dir" >&2
   "$root/scripts/prepare-upstream.sh"
   (cd "$root" && cargo run --quiet --release -p mistralrs-retro --bin convert-gguf -- "$gguf" "$hf_dir.tmp")
+  python3 - "$hf_dir.tmp/generation_config.json" "$sampling" <<'EOF'
+import json, sys
+path, sampling = sys.argv[1], json.loads(sys.argv[2])
+config = json.load(open(path))
+config.update(sampling)
+with open(path, "w") as f:
+    json.dump(config, f, indent=2)
+    f.write("\n")
+EOF
   rm -rf "$hf_dir"
   mv "$hf_dir.tmp" "$hf_dir"
   echo "$stamp" > "$hf_dir/.convert-stamp"

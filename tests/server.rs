@@ -43,6 +43,11 @@ fn http_api_is_well_formed() {
         startup.contains("kv-policy=full"),
         "startup log does not name the policy:\n{startup}"
     );
+    // The fixture carries the model card's sampling settings, applied to requests that set none.
+    assert!(
+        startup.contains("get the model's generation_config.json: temperature 0.2, top_p 0.9"),
+        "startup log does not name the sampling defaults:\n{startup}"
+    );
 
     let (status, models) = server.request("GET", "/v1/models", None);
     assert_eq!(status, 200, "{models}");

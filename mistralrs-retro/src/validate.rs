@@ -14,6 +14,71 @@ pub struct RequestLimits {
     pub max_sequence_tokens: usize,
     /// Counts prompt tokens when the model directory has a `tokenizer.json` (not for GGUF files).
     pub tokenizer: Option<tokenizers::Tokenizer>,
+    /// The model's sampling settings, for requests that set none of them.
+    pub sampling_defaults: SamplingDefaults,
+}
+
+/// The sampling settings a model directory's `generation_config.json` recommends. mistral.rs 0.8.1
+/// reads that file but its OpenAI handlers never apply it, so a request without `temperature`
+/// sampled at 1.0 whatever the model's authors advise (the embedded SmolLM2 then answers nonsense).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SamplingDefaults {
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<u64>,
+}
+
+/// Request fields the defaults stand in for: a request that sets any of them keeps its own choice.
+const SAMPLING_FIELDS: [&str; 3] = ["temperature", "top_p", "top_k"];
+
+impl SamplingDefaults {
+    /// From `dir/generation_config.json`; none when the file is missing, unreadable or sets none.
+    pub fn from_model_dir(dir: &std::path::Path) -> Self {
+        let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) else { return Self::default() };
+        let Ok(config) = serde_json::from_str::<Value>(&text) else { return Self::default() };
+        // `do_sample: false` means greedy, whatever temperature the file also names.
+        if config.get("do_sample").and_then(Value::as_bool) == Some(false) {
+            return Self { temperature: Some(0.0), top_p: None, top_k: None };
+        }
+        Self {
+            temperature: config.get("temperature").and_then(Value::as_f64),
+            top_p: config.get("top_p").and_then(Value::as_f64),
+            top_k: config.get("top_k").and_then(Value::as_u64),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Fills in the defaults when `body` (a generation request) sets none of the sampling fields;
+    /// whether it did.
+    pub fn apply(&self, body: &mut Value) -> bool {
+        let Some(fields) = body.as_object_mut() else { return false };
+        if self.is_empty() || SAMPLING_FIELDS.iter().any(|k| fields.get(*k).is_some_and(|v| !v.is_null())) {
+            return false;
+        }
+        for (key, value) in [("temperature", self.temperature.map(Value::from)), ("top_p", self.top_p.map(Value::from)), ("top_k", self.top_k.map(Value::from))] {
+            if let Some(value) = value {
+                fields.insert(key.to_string(), value);
+            }
+        }
+        true
+    }
+}
+
+impl std::fmt::Display for SamplingDefaults {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = [
+            self.temperature.map(|t| format!("temperature {t}")),
+            self.top_p.map(|p| format!("top_p {p}")),
+            self.top_k.map(|k| format!("top_k {k}")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        write!(f, "{}", parts.join(", "))
+    }
 }
 
 /// Roles the chat template understands.
@@ -87,7 +152,7 @@ mod tests {
 
     #[test]
     fn refusals_name_the_field_and_the_value() {
-        let limits = RequestLimits { model_ids: vec!["m".into()], max_sequence_tokens: 100, tokenizer: None };
+        let limits = RequestLimits { model_ids: vec!["m".into()], max_sequence_tokens: 100, tokenizer: None, sampling_defaults: SamplingDefaults::default() };
         let chat = "/v1/chat/completions";
         let user = json!([{"role": "user", "content": "hi"}]);
         let cases = [
@@ -107,5 +172,38 @@ mod tests {
         for ok in [json!({"model": "m", "messages": user, "max_tokens": 5}), json!({"model": "default", "messages": user})] {
             assert!(check(chat, &ok, &limits).is_ok(), "{ok}");
         }
+    }
+
+    #[test]
+    fn sampling_defaults_fill_only_requests_that_set_no_sampling_field() {
+        let dir = std::env::temp_dir().join(format!("sampling-defaults-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |text: &str| std::fs::write(dir.join("generation_config.json"), text).unwrap();
+        write(r#"{"eos_token_id": 2, "do_sample": true, "temperature": 0.2, "top_p": 0.9}"#);
+        let d = SamplingDefaults::from_model_dir(&dir);
+        assert_eq!(d, SamplingDefaults { temperature: Some(0.2), top_p: Some(0.9), top_k: None });
+        assert_eq!(d.to_string(), "temperature 0.2, top_p 0.9");
+        let mut body = json!({"messages": [], "max_tokens": 4});
+        assert!(d.apply(&mut body));
+        assert_eq!((body["temperature"].as_f64(), body["top_p"].as_f64(), body.get("top_k")), (Some(0.2), Some(0.9), None));
+        // Any sampling field of the request's own keeps all of its choices, greedy included.
+        for own in [json!({"temperature": 0.0}), json!({"top_p": 0.5}), json!({"top_k": 1})] {
+            let mut body = own.clone();
+            assert!(!d.apply(&mut body));
+            assert_eq!(body, own);
+        }
+        // A null is no choice.
+        let mut body = json!({"temperature": null});
+        assert!(d.apply(&mut body));
+        assert_eq!(body["temperature"].as_f64(), Some(0.2));
+        write(r#"{"do_sample": false, "temperature": 0.7}"#);
+        assert_eq!(SamplingDefaults::from_model_dir(&dir), SamplingDefaults { temperature: Some(0.0), top_p: None, top_k: None });
+        write(r#"{"eos_token_id": 2}"#);
+        let none = SamplingDefaults::from_model_dir(&dir);
+        assert!(none.is_empty());
+        let mut body = json!({"messages": []});
+        assert!(!none.apply(&mut body));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(SamplingDefaults::from_model_dir(&dir).is_empty(), "a missing file is no defaults");
     }
 }
