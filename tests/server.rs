@@ -97,8 +97,9 @@ fn http_api_is_well_formed() {
 fn bad_flags_exit_nonzero_with_a_message() {
     let model = smollm2_dir();
     let model = model.to_str().unwrap();
-    let cases: [(&[&str], &[&str]); 4] = [
+    let cases: [(&[&str], &[&str]); 5] = [
         (&["--kv-policy", "sparse", "--model", model], &["--kv-policy", "sparse", "full"]),
+        (&["--shutdown-timeout", "soon", "--model", model], &["--shutdown-timeout", "soon"]),
         (&["--model", "/nonexistent/model.gguf"], &["--model", "/nonexistent/model.gguf", "no such file"]),
         (&["--pa-block-size", "7", "--model", model], &["--pa-block-size", "7", "[8, 16, 32]"]),
         (&["--max-seqs", "0", "--model", model], &["--max-seqs"]),

@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
@@ -16,7 +17,7 @@ use mistralrs_core::{
     PagedAttentionConfig, PagedCacheType, SchedulerConfig, DefaultSchedulerMethod, TokenSource,
 };
 use mistralrs_server_core::mistralrs_server_router_builder::MistralRsServerRouterBuilder;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::{PolicyConfig, PolicyFile, PolicySettings};
 use crate::{metrics, validate};
@@ -86,6 +87,11 @@ pub struct ServerArgs {
     /// Port to listen on (0 picks a free port; the chosen one is logged).
     #[arg(long, short = 'p', default_value_t = 1234)]
     pub port: u16,
+
+    /// On SIGTERM or Ctrl-C: seconds in-flight requests may take to finish before the rest are
+    /// ended (a stream with an error event and [DONE]); no new connections meanwhile.
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_timeout: u64,
 
     /// Maximum number of sequences running at once.
     #[arg(long, default_value_t = 16)]
@@ -484,6 +490,7 @@ pub async fn serve(args: ServerArgs) -> Result<()> {
     let policy = install_policy(&args, &policy_config);
     let (engine, installed) = build_engine_with_policy(&args, &source, policy).await?;
     let limits = Arc::new(request_limits(&args, &source, &engine));
+    let stop = engine_stop(engine.clone(), Duration::from_secs(args.shutdown_timeout));
     let http = Arc::new(metrics::HttpMetrics::default());
     let counted = http.clone();
     let app = MistralRsServerRouterBuilder::new()
@@ -513,11 +520,38 @@ pub async fn serve(args: ServerArgs) -> Result<()> {
     println!(
         "  try: curl http://{addr}/v1/chat/completions -H 'Content-Type: application/json' \\\n         -d '{{\"model\":\"default\",\"messages\":[{{\"role\":\"user\",\"content\":\"What is the capital of France?\"}}],\"max_tokens\":32,\"temperature\":0}}'"
     );
+    let timeout = args.shutdown_timeout;
     axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            info!("shutting down: no new connections; requests in flight have {timeout} s to finish (--shutdown-timeout)");
+            let _ = stop.send(());
+        })
         .await?;
     info!("shut down");
     Ok(())
+}
+
+/// Once the returned sender fires (the shutdown signal), waits `deadline`, then stops the engine:
+/// its sequences are dropped, so each stream still open ends with an error event and `[DONE]`
+/// (patch mistralrs-server-core/0001) and each waiting non-streaming request with an error,
+/// which lets the graceful shutdown finish. A server whose requests all finish in time exits first.
+fn engine_stop(engine: mistralrs_server_core::types::SharedMistralRsState, deadline: Duration) -> tokio::sync::oneshot::Sender<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        if rx.await.is_err() {
+            return;
+        }
+        tokio::time::sleep(deadline).await;
+        warn!("shutdown deadline of {} s passed: ending the requests still in flight", deadline.as_secs());
+        match engine.get_sender(None) {
+            Ok(sender) => {
+                let _ = sender.send(mistralrs_core::Request::Terminate).await;
+            }
+            Err(e) => warn!("cannot reach the engine to stop it: {e}"),
+        }
+    });
+    tx
 }
 
 /// What `validate::check` holds requests against.

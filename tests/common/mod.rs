@@ -190,6 +190,26 @@ impl Server {
     }
 }
 
+impl Server {
+    /// Sends SIGTERM and waits up to `limit` for the process to exit: its exit code, or `None` if it
+    /// was still running (then it is killed).
+    pub fn terminate_and_wait(&mut self, limit: Duration) -> Option<i32> {
+        #[cfg(unix)]
+        unsafe {
+            libc_kill(self.child.id() as i32, 15);
+        }
+        let start = std::time::Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        None
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         // SIGTERM first so the server's graceful shutdown runs; then make sure it is gone.
