@@ -5,7 +5,8 @@
 //! tasks to the pool and waits) and from a thread that is one of its pool's threads (no hand-off),
 //! alternating, best of several tokens each. Next to them: a plain read of the same bytes.
 //!
-//! `cargo bench -p retro-kernels --bench quant_decode_step` (`QUANT_STEP_TOKENS=N`, default 8).
+//! `cargo bench -p retro-kernels --bench quant_decode_step` (`QUANT_STEP_TOKENS=N`, default 8;
+//! `QUANT_STEP_BY_SHAPE=1` adds ms per token by product shape).
 
 use std::time::Instant;
 
@@ -36,33 +37,29 @@ fn weights(dtype: GgmlDType, n: usize, k: usize) -> QTensor {
     QTensor::quantize(&Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap(), dtype).unwrap()
 }
 
-fn token_ms(layers: &[(QTensor, Tensor)]) -> f64 {
+fn product_ms(w: &QTensor, x: &Tensor) -> f64 {
     let t = Instant::now();
-    for (w, x) in layers {
-        std::hint::black_box(quant_linear::qmatmul(w, x).unwrap().unwrap());
-    }
+    std::hint::black_box(quant_linear::qmatmul(w, x).unwrap().unwrap());
     t.elapsed().as_secs_f64() * 1e3
 }
 
-/// ms per token by product shape (from a thread outside the pool), best of `reps` per product.
-fn by_shape(layers: &[(QTensor, Tensor)], reps: usize) {
-    let mut shapes: Vec<((GgmlDType, usize, usize), f64, usize)> = vec![];
+fn token_ms(layers: &[(QTensor, Tensor)]) -> f64 {
+    layers.iter().map(|(w, x)| product_ms(w, x)).sum()
+}
+
+/// ms per token by product shape, each product run once from a thread outside the pool.
+fn by_shape(layers: &[(QTensor, Tensor)]) {
+    let mut shapes: Vec<(Shape, f64, usize)> = vec![];
     for (w, x) in layers {
         let (n, k) = w.shape().dims2().unwrap();
         let key = (w.dtype(), n, k);
-        let ms = (0..reps)
-            .map(|_| {
-                let t = Instant::now();
-                std::hint::black_box(quant_linear::qmatmul(w, x).unwrap().unwrap());
-                t.elapsed().as_secs_f64() * 1e3
-            })
-            .fold(f64::INFINITY, f64::min);
+        let ms = product_ms(w, x);
         match shapes.iter_mut().find(|s| s.0 == key) {
             Some(s) => (s.1, s.2) = (s.1 + ms, s.2 + 1),
             None => shapes.push((key, ms, 1)),
         }
     }
-    println!("| type | n x k | products | ms per token | GB/s (the first of each product's reps reads memory, the rest cache) |");
+    println!("| type | n x k | products | ms per token | GB/s |");
     println!("|---|---|---|---|---|");
     for ((dtype, n, k), ms, count) in shapes {
         let bytes = (n * k / dtype.block_size() * dtype.type_size() * count) as f64;
@@ -124,6 +121,6 @@ fn main() {
     println!("| a pool thread | {inside:.2} | {:.1} | {:.1} |", gbs(inside), 1e3 / inside);
     println!("| plain read (every 64th byte, all threads) | {read:.2} | {:.1} | {:.1} |", gbs(read), 1e3 / read);
     if std::env::var("QUANT_STEP_BY_SHAPE").is_ok() {
-        by_shape(&layers, 1);
+        by_shape(&layers);
     }
 }

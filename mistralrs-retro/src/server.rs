@@ -520,11 +520,9 @@ pub async fn serve(args: ServerArgs) -> Result<()> {
     println!(
         "  try: curl http://{addr}/v1/chat/completions -H 'Content-Type: application/json' \\\n         -d '{{\"model\":\"default\",\"messages\":[{{\"role\":\"user\",\"content\":\"What is the capital of France?\"}}],\"max_tokens\":32,\"temperature\":0}}'"
     );
-    let timeout = args.shutdown_timeout;
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown_signal().await;
-            info!("shutting down: no new connections; requests in flight have {timeout} s to finish (--shutdown-timeout)");
             let _ = stop.send(());
         })
         .await?;
@@ -542,6 +540,7 @@ fn engine_stop(engine: mistralrs_server_core::types::SharedMistralRsState, deadl
         if rx.await.is_err() {
             return;
         }
+        info!("shutting down: no new connections; requests in flight have {} s to finish (--shutdown-timeout)", deadline.as_secs());
         tokio::time::sleep(deadline).await;
         warn!("shutdown deadline of {} s passed: ending the requests still in flight", deadline.as_secs());
         match engine.get_sender(None) {
@@ -585,11 +584,10 @@ async fn check_request(
         return next.run(request).await;
     }
     let (mut parts, body) = request.into_parts();
-    let bytes = match axum::body::to_bytes(body, 64 << 20).await {
+    let mut bytes = match axum::body::to_bytes(body, 64 << 20).await {
         Ok(bytes) => bytes,
         Err(e) => return (axum::http::StatusCode::PAYLOAD_TOO_LARGE, format!("request body: {e}")).into_response(),
     };
-    let mut bytes = bytes;
     if let Ok(mut json) = serde_json::from_slice::<serde_json::Value>(&bytes) {
         if let Err((status, message)) = validate::check(&path, &json, limits) {
             return (status, axum::Json(serde_json::json!({ "message": message }))).into_response();

@@ -28,9 +28,6 @@ pub struct SamplingDefaults {
     pub top_k: Option<u64>,
 }
 
-/// Request fields the defaults stand in for: a request that sets any of them keeps its own choice.
-const SAMPLING_FIELDS: [&str; 3] = ["temperature", "top_p", "top_k"];
-
 impl SamplingDefaults {
     /// From `dir/generation_config.json`; none when the file is missing, unreadable or sets none.
     pub fn from_model_dir(dir: &std::path::Path) -> Self {
@@ -51,16 +48,26 @@ impl SamplingDefaults {
         *self == Self::default()
     }
 
-    /// Fills in the defaults when `body` (a generation request) sets none of the sampling fields;
-    /// whether it did.
+    /// Each request field the defaults stand in for, with its default if there is one.
+    fn fields(&self) -> [(&'static str, Option<Value>); 3] {
+        [
+            ("temperature", self.temperature.map(Value::from)),
+            ("top_p", self.top_p.map(Value::from)),
+            ("top_k", self.top_k.map(Value::from)),
+        ]
+    }
+
+    /// Fills in the defaults when `body` (a generation request) sets none of the sampling fields
+    /// (a request that sets any of them keeps its own choices); whether it did.
     pub fn apply(&self, body: &mut Value) -> bool {
-        let Some(fields) = body.as_object_mut() else { return false };
-        if self.is_empty() || SAMPLING_FIELDS.iter().any(|k| fields.get(*k).is_some_and(|v| !v.is_null())) {
+        let Some(request) = body.as_object_mut() else { return false };
+        let fields = self.fields();
+        if self.is_empty() || fields.iter().any(|(key, _)| request.get(*key).is_some_and(|v| !v.is_null())) {
             return false;
         }
-        for (key, value) in [("temperature", self.temperature.map(Value::from)), ("top_p", self.top_p.map(Value::from)), ("top_k", self.top_k.map(Value::from))] {
+        for (key, value) in fields {
             if let Some(value) = value {
-                fields.insert(key.to_string(), value);
+                request.insert(key.to_string(), value);
             }
         }
         true
@@ -69,14 +76,7 @@ impl SamplingDefaults {
 
 impl std::fmt::Display for SamplingDefaults {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let parts: Vec<String> = [
-            self.temperature.map(|t| format!("temperature {t}")),
-            self.top_p.map(|p| format!("top_p {p}")),
-            self.top_k.map(|k| format!("top_k {k}")),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
+        let parts: Vec<String> = self.fields().into_iter().filter_map(|(key, value)| value.map(|v| format!("{key} {v}"))).collect();
         write!(f, "{}", parts.join(", "))
     }
 }

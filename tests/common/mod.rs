@@ -191,8 +191,8 @@ impl Server {
 }
 
 impl Server {
-    /// Sends SIGTERM and waits up to `limit` for the process to exit: its exit code, or `None` if it
-    /// was still running (then it is killed).
+    /// Sends SIGTERM (so the server's graceful shutdown runs) and waits up to `limit` for the process
+    /// to exit: its exit code, or `None` if it was still running (then it is killed).
     pub fn terminate_and_wait(&mut self, limit: Duration) -> Option<i32> {
         #[cfg(unix)]
         unsafe {
@@ -206,25 +206,14 @@ impl Server {
             std::thread::sleep(Duration::from_millis(50));
         }
         let _ = self.child.kill();
+        let _ = self.child.wait();
         None
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        // SIGTERM first so the server's graceful shutdown runs; then make sure it is gone.
-        #[cfg(unix)]
-        unsafe {
-            libc_kill(self.child.id() as i32, 15);
-        }
-        for _ in 0..50 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.terminate_and_wait(Duration::from_secs(5));
     }
 }
 
