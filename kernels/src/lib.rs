@@ -1,22 +1,32 @@
-//! GPU kernels of the sparse KV policies (`quest`, `retro`), in FlashInfer's plan / run split:
+//! retro-kernels: every kernel of the KV policies (`full`, `quest`, `retro`) and of the CPU linear
+//! layers, CPU and CUDA side by side, on candle only (no mistral.rs).
 //!
-//! - [`DecodePlan`] (host, once per decode step, shared by every layer): page counts, the padded
-//!   page-list stride, and how each (sequence, KV head) list is split over CUDA blocks;
-//! - under the `cuda` feature, the launchers in [`cuda`]: page-summary refresh after cache writes,
-//!   page scoring + per-KV-head top-k (the selection), retro's per-row masks, the fused sparse decode
-//!   (each selected page read once for every query row that uses it) with its split combine, and the
+//! A sparse decode step is FlashInfer's plan / run split:
+//! - device-neutral types: [`PageSelection`] (per (sequence, KV head) page lists with per-row
+//!   masks), the budget rule [`selected_len`] (written once, used by both backends), the host-side
+//!   [`DecodePlan`] (once per step: page counts, list stride, work partition) and the exact
+//!   log-sum-exp merge of partial attention results ([`merge_partial`]);
+//! - [`cpu`]: page bounds, page selection, the fused sparse decode, the causal prompt attention,
+//!   cache writes and gathers; these define the semantics;
+//! - [`cuda`] (feature `cuda`): the same kernels on the GPU, each tested against its CPU
+//!   counterpart by `retro-gpu-check` on random data, plus retro's device-side row masks and
 //!   output-cache merge.
 //!
-//! The CPU kernels in `mistralrs-retro/src/cpu` define the semantics; `retro-gpu-check` tests every
-//! kernel here against them on random data.
+//! The CPU linear layers ([`quant_linear`] for GGUF blocks, [`dense_linear`] for f16/bf16) sit
+//! beside them, dispatched at run time on the CPU's features ([`cpu_features`]).
 
+pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
 pub mod cpu_features;
 pub mod dense_linear;
-pub mod quant_linear;
 mod plan;
 mod prompt;
-pub use plan::{selected_len, DecodePlan};
+pub mod quant_linear;
+pub mod rng;
+mod selection;
+
+pub use plan::{device_budgets, selected_len, DecodePlan};
 pub use prompt::PromptShape;
+pub use selection::{all_rows_mask, longest_lists, merge_partial, PaddedLists, PageSelection, PageUse};

@@ -9,6 +9,17 @@ pub fn selected_len(context: usize, budget_pages: usize, block_size: usize) -> u
     if budget_pages >= pages { pages } else { budget_pages.max(2).min(pages) }
 }
 
+/// Budgets as the device plan takes them: a budget above a sequence's pages means all of them
+/// ([`selected_len`]), so it is clamped to the page count, because the select kernel reads budgets as
+/// `int` (an unclamped `usize::MAX` became -1 there and selected two pages).
+pub fn device_budgets(context_lens: &[usize], budget_pages: &[usize], block_size: usize) -> Vec<u32> {
+    budget_pages
+        .iter()
+        .zip(context_lens)
+        .map(|(&b, &c)| b.min(c.div_ceil(block_size)).min(i32::MAX as usize) as u32)
+        .collect()
+}
+
 /// Shapes and work partition of one decode step.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DecodePlan {
@@ -106,5 +117,28 @@ mod tests {
     fn a_tiny_budget_still_keeps_first_and_last_page() {
         let plan = DecodePlan::new(&[1000], &[1], 1, 1, 16, 8, 1);
         assert_eq!(plan.stride, 2);
+    }
+
+    #[test]
+    fn selected_len_matches_the_budget_rule() {
+        // 100 tokens = 7 pages of 16.
+        assert_eq!(selected_len(100, 7, 16), 7);
+        assert_eq!(selected_len(100, 64, 16), 7);
+        assert_eq!(selected_len(100, 3, 16), 3);
+        assert_eq!(selected_len(100, 1, 16), 2, "first and last page always");
+        assert_eq!(selected_len(10, 1, 16), 1, "a one-page sequence reads its page");
+        assert_eq!(selected_len(0, 4, 16), 0);
+    }
+
+    #[test]
+    fn device_budgets_keep_the_rule_and_fit_an_int() {
+        let ctx = [100, 10, 0, 1 << 40];
+        let budgets = device_budgets(&ctx, &[usize::MAX, 3, 5, usize::MAX], 16);
+        assert_eq!(budgets, vec![7, 1, 0, i32::MAX as u32]);
+        for ((&c, &b), &d) in ctx.iter().zip(&[usize::MAX, 3, 5, usize::MAX]).zip(&budgets) {
+            if c < 1 << 30 {
+                assert_eq!(selected_len(c, d as usize, 16), selected_len(c, b, 16), "context {c} budget {b}");
+            }
+        }
     }
 }

@@ -39,14 +39,15 @@ pub enum Budget {
 }
 
 impl Budget {
-    /// Pages a step over `context` tokens may read (including the always-selected first and last
-    /// pages), at least 2.
+    /// Pages a step over `context` tokens may read, the always-selected first and last pages
+    /// included. The selection's list length follows `retro_kernels::selected_len`, which also
+    /// keeps those two pages when the budget is smaller.
     pub fn pages(&self, context: usize, block_size: usize) -> usize {
         let tokens = match *self {
             Budget::Tokens(n) => n,
             Budget::Ratio { ratio, min_tokens } => ((ratio * context as f64).ceil() as usize).max(min_tokens),
         };
-        tokens.div_ceil(block_size).max(2)
+        tokens.div_ceil(block_size)
     }
 }
 
@@ -407,7 +408,8 @@ mod tests {
     #[test]
     fn budget_pages_round_up_and_keep_first_and_last() {
         assert_eq!(Budget::Tokens(256).pages(10_000, 16), 16);
-        assert_eq!(Budget::Tokens(1).pages(10_000, 16), 2);
+        assert_eq!(Budget::Tokens(1).pages(10_000, 16), 1);
+        assert_eq!(retro_kernels::selected_len(10_000, Budget::Tokens(1).pages(10_000, 16), 16), 2, "first and last page");
         let ratio = Budget::Ratio { ratio: 0.125, min_tokens: 256 };
         assert_eq!(ratio.pages(2048, 16), 16); // max(256, 256) tokens
         assert_eq!(ratio.pages(8192, 16), 64);

@@ -1,5 +1,4 @@
 //! mistralrs-retro: KV policies for mistral.rs paged attention.
-pub mod cpu;
 pub mod convert;
 pub mod policy;
 pub mod linear;
@@ -9,4 +8,3 @@ pub mod metrics;
 pub mod validate;
 pub mod eval;
 pub mod tp;
-pub mod rng;

@@ -20,11 +20,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
-use mistralrs_core::kv_policy::CacheAllocation;
-use mistralrs_retro::cpu::{self, PageSelection};
-use mistralrs_retro::policy::plan::{page_bound, select_pages, PlanInputs};
-use mistralrs_retro::policy::summaries::PageSummaries;
-use mistralrs_retro::rng::Rng;
+use retro_kernels::{cpu, PageSelection};
+use retro_kernels::cpu::{page_bound, select_pages, PageSummaries, PlanInputs};
+use retro_kernels::rng::Rng;
 use retro_kernels::cuda::{self as gpu, DevicePlan};
 use retro_kernels::DecodePlan;
 
@@ -189,9 +187,7 @@ fn run_case(case: &Case, rng: &mut Rng, gpu_dev: &Device, tally: &mut Tally) -> 
     let g_tables = block_tables.to_device(gpu_dev)?;
 
     // 1. Page bounds after a prefill of every sequence.
-    let caches = [(key_cache.clone(), value_cache.clone())];
-    let alloc = CacheAllocation { block_size: bs, num_blocks, dtype: case.dtype, caches: &caches };
-    let summaries = PageSummaries::for_cache(&alloc)?;
+    let summaries = PageSummaries::for_cache(&key_cache, 1)?;
     let used: Vec<usize> = tables.iter().zip(&pages).flat_map(|(t, &p)| t[..p].iter().map(|&b| b as usize)).collect();
     summaries.refresh(0, &key_cache, &used)?;
     let slots: Vec<i64> = tables
@@ -423,7 +419,7 @@ fn run_case(case: &Case, rng: &mut Rng, gpu_dev: &Device, tally: &mut Tally) -> 
             let a = (row as usize + row_offset) * heads + h;
             if merge >= 0 {
                 let b = merge as usize * heads + h;
-                cpu::merge_partial(&mut want_o[a * d..(a + 1) * d], &mut want_lse[a], &part_o[b * d..(b + 1) * d], g_lse_host[b]);
+                retro_kernels::merge_partial(&mut want_o[a * d..(a + 1) * d], &mut want_lse[a], &part_o[b * d..(b + 1) * d], g_lse_host[b]);
                 want_part[b * d..(b + 1) * d].copy_from_slice(&want_o[a * d..(a + 1) * d]);
             }
             if replace >= 0 {

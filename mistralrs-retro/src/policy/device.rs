@@ -19,8 +19,8 @@ use mistralrs_core::kv_policy::{CacheAllocation, CacheWrite, DecodeAttention};
 use retro_kernels::cuda as gpu;
 use retro_kernels::DecodePlan;
 
-use super::plan::{device_budgets, longest_lists, selected_len, PaddedLists};
-use crate::cpu::{all_rows_mask, PageSelection};
+use retro_kernels::{device_budgets, longest_lists, selected_len, PaddedLists};
+use retro_kernels::{all_rows_mask, PageSelection};
 
 /// CUDA blocks the sparse decode aims for (4 per SM of an H200, where it was tuned: docs/gpu.md)
 /// and the fewest pages a split holds.

@@ -1,7 +1,7 @@
 //! `full`: attention over every cached token.
 //!
 //! On CUDA/Metal it leaves every call to upstream's paged kernels, so GPU behaviour is upstream's
-//! byte for byte. On CPU, where upstream has no paged kernels, it runs ours (`crate::cpu`).
+//! byte for byte. On CPU, where upstream has no paged kernels, it runs ours (`retro_kernels::cpu`).
 
 use candle_core::{Result, Tensor};
 use mistralrs_core::kv_policy::{
@@ -9,7 +9,7 @@ use mistralrs_core::kv_policy::{
 };
 use tracing::info;
 
-use crate::cpu;
+use retro_kernels::cpu;
 
 #[derive(Debug, Default)]
 pub struct FullPolicy;

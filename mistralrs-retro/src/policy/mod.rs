@@ -3,19 +3,17 @@
 //! Data flow: a [`PolicyConfig`] (from flags and config files, `crate::config`) → [`install`]
 //! registers the policy object with mistral.rs's `kv_policy` seam → paged attention calls it for
 //! every cache write, decode step and prefix gather. Sparse policies split each decode step into a
-//! plan (`plan::select_pages` over `summaries::PageSummaries`) and a run (`crate::cpu` kernels).
+//! plan (`retro_kernels::cpu::select_pages` over `PageSummaries`) and a run (`retro_kernels::cpu`).
 
 #[cfg(feature = "cuda")]
 mod device;
 mod full;
 pub mod output_cache;
-pub mod plan;
 mod quest;
 mod retro;
 #[cfg(test)]
 mod retro_tests;
 mod step_timing;
-pub mod summaries;
 mod trace;
 
 use std::fmt;
@@ -177,7 +175,7 @@ pub(crate) fn prompt_attention(
         if q.dim(0)? != 1 || *UPSTREAM.get_or_init(|| std::env::var("RETRO_CPU_PROMPT_ATTENTION").is_ok_and(|v| v == "upstream")) {
             return Ok(None);
         }
-        return crate::cpu::causal_prompt_attention(q, k, v, softmax_scale).map(Some);
+        return retro_kernels::cpu::causal_prompt_attention(q, k, v, softmax_scale).map(Some);
     }
     #[cfg(feature = "cuda")]
     if q.device().is_cuda() && cuda_prompt_attention_enabled(kind) {

@@ -9,10 +9,9 @@ use candle_core::{bail, DType, Result, Tensor};
 use mistralrs_core::kv_policy::{BatchInfo, CacheAllocation, CacheWrite, DecodeAttention, GatherKv, KvPolicy};
 use tracing::{debug, info};
 
-use super::plan::{pages_read, select_pages, PlanInputs};
-use super::summaries::PageSummaries;
+use retro_kernels::cpu::{pages_read, select_pages, PageSummaries, PlanInputs};
 use crate::config::Budget;
-use crate::cpu::{self, PageSelection};
+use retro_kernels::{cpu, PageSelection};
 
 /// Counters since startup, summed over layers and sequences.
 #[derive(Debug, Default)]
@@ -258,7 +257,7 @@ impl QuestPolicy {
     pub(super) fn cache_allocated_for(&self, alloc: &CacheAllocation<'_>, policy: &str) -> Result<()> {
         let Some((key_cache, _)) = alloc.caches.first() else { return Ok(()) };
         let summaries = match key_cache.device() {
-            candle_core::Device::Cpu => Summaries::Host(Arc::new(PageSummaries::for_cache(alloc)?)),
+            candle_core::Device::Cpu => Summaries::Host(Arc::new(PageSummaries::for_cache(key_cache, alloc.caches.len())?)),
             #[cfg(feature = "cuda")]
             candle_core::Device::Cuda(_) => Summaries::Device(Arc::new(super::device::DeviceSummaries::for_cache(alloc)?)),
             other => bail!(

@@ -26,7 +26,7 @@ use super::output_cache::{OutputCachePool, SequenceState};
 use super::quest::{QuestPolicy, StepPlan, StepTables};
 use super::{Metric, PolicyMetrics};
 use crate::config::Budget;
-use crate::cpu::{merge_partial, PageSelection};
+use retro_kernels::{merge_partial, PageSelection};
 
 pub struct RetroPolicy {
     quest: QuestPolicy,
@@ -375,7 +375,7 @@ impl RetroPolicy {
         let reads: Vec<u64> = context_lens
             .iter()
             .zip(&budget_pages)
-            .map(|(&c, &b)| (super::plan::selected_len(c, b, block_size) * kv_heads) as u64)
+            .map(|(&c, &b)| (retro_kernels::selected_len(c, b, block_size) * kv_heads) as u64)
             .collect();
         for (seq, &ctx) in context_lens.iter().enumerate() {
             let Some(state) = inner.sequences.get_mut(&batch.seq_ids[seq]) else { continue };

@@ -13,10 +13,10 @@ use std::sync::atomic::Ordering;
 use candle_core::{DType, Device, Tensor};
 use mistralrs_core::kv_policy::{BatchInfo, CacheAllocation, CacheWrite, DecodeAttention, KvPolicy};
 
-use super::plan::page_bound;
+use retro_kernels::cpu::page_bound;
 use super::{QuestPolicy, RetroPolicy};
 use crate::config::Budget;
-use crate::cpu::test_support::{assert_close, garbage_caches, Rng};
+use retro_kernels::cpu::test_support::{assert_close, garbage_caches, Rng};
 
 const HEAD_DIM: usize = 16;
 const SCALE: f32 = 0.25;
@@ -108,7 +108,8 @@ impl World {
     /// original keys (an independent reference for the policy's plan).
     fn quest_pages(&self, seq: usize, pos: usize, ctx: usize, kv_head: usize, budget: usize) -> Vec<usize> {
         let pages = ctx.div_ceil(self.block_size);
-        let keep = Budget::Tokens(budget).pages(ctx, self.block_size);
+        // Quest's rule, written out again: the first and last page always, so at least two.
+        let keep = Budget::Tokens(budget).pages(ctx, self.block_size).max(2);
         if keep >= pages {
             return (0..pages).collect();
         }

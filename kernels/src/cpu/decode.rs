@@ -11,7 +11,7 @@
 use super::access::{
     ensure_cpu, ensure_float_dtype, small_u32_vec, BlockTables, CacheElem, CacheGeometry, CpuRead,
 };
-use super::selection::{PageSelection, PageUse};
+use crate::selection::{PageSelection, PageUse};
 use candle_core::{bail, DType, Device, Result, Tensor};
 use rayon::prelude::*;
 

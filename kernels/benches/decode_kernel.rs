@@ -6,7 +6,7 @@
 //! older over the selection plus as many other pages), and prints ms/step, the bytes the step's
 //! attention reads and the bandwidth that implies against a copy loop measured in the same run.
 //!
-//! `cargo bench -p mistralrs-retro --bench decode_kernel` (CONTEXTS=512,2048,8192 to choose;
+//! `cargo bench -p retro-kernels --bench decode_kernel` (CONTEXTS=512,2048,8192 to choose;
 //! HUGEPAGES=1 backs the caches with transparent huge pages first, an experiment: docs/cpu.md).
 
 #[path = "support/bandwidth.rs"]
@@ -15,8 +15,9 @@ use bandwidth::copy_bandwidth;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use mistralrs_retro::cpu::{paged_decode, paged_decode_selected, PageSelection};
-use mistralrs_retro::rng::Rng;
+use retro_kernels::cpu::{paged_decode, paged_decode_selected};
+use retro_kernels::rng::Rng;
+use retro_kernels::PageSelection;
 
 const LAYERS: usize = 30;
 const KV_HEADS: usize = 3;

@@ -2,7 +2,7 @@
 //! the yardsticks for tests and fuzzing.
 
 use super::decode::{check_softcap, AttentionWithLse, DecodeInputs};
-use super::selection::PageSelection;
+use crate::selection::PageSelection;
 use candle_core::{DType, Result, Tensor};
 
 /// Same contract as [`super::paged_decode`]: gathers each sequence's keys and values into dense

@@ -10,7 +10,6 @@ use std::sync::{RwLock, RwLockReadGuard};
 
 use candle_core::{bail, CpuStorage, Result, Storage, Tensor};
 use half::{bf16, f16};
-use mistralrs_core::kv_policy::CacheAllocation;
 
 pub struct PageSummaries {
     pub block_size: usize,
@@ -22,14 +21,13 @@ pub struct PageSummaries {
 }
 
 impl PageSummaries {
-    /// Sized from the key caches the engine allocated (upstream layout
+    /// Sized for `num_layers` key caches shaped like `key_cache` (upstream layout
     /// `[blocks, kv_heads, head_dim / x, block_size, x]`).
-    pub fn for_cache(alloc: &CacheAllocation<'_>) -> Result<Self> {
-        let Some((key_cache, _)) = alloc.caches.first() else { bail!("no KV cache layers") };
+    pub fn for_cache(key_cache: &Tensor, num_layers: usize) -> Result<Self> {
         let (num_blocks, kv_heads, chunks, block_size, x) = key_cache.dims5()?;
         let head_dim = chunks * x;
         let per_layer = num_blocks * kv_heads * 2 * head_dim;
-        let layers = alloc.caches.iter().map(|_| RwLock::new(vec![0f32; per_layer])).collect();
+        let layers = (0..num_layers).map(|_| RwLock::new(vec![0f32; per_layer])).collect();
         Ok(Self { block_size, kv_heads, head_dim, num_blocks, layers })
     }
 
@@ -122,8 +120,7 @@ mod tests {
             let x = 16 / dtype.size_in_bytes();
             let key_cache = Tensor::zeros((blocks, kv_heads, head_dim / x, bs, x), dtype, &Device::Cpu)?;
             let value_cache = Tensor::zeros((blocks, kv_heads, head_dim, bs), dtype, &Device::Cpu)?;
-            let caches = vec![(key_cache.clone(), value_cache.clone())];
-            let summaries = PageSummaries::for_cache(&CacheAllocation { block_size: bs, num_blocks: blocks, dtype, caches: &caches })?;
+            let summaries = PageSummaries::for_cache(&key_cache, 1)?;
             // Write 4 tokens of block 2 (slots 8..12) with known values.
             let n = 4;
             let keys: Vec<f32> = (0..n * kv_heads * head_dim).map(|i| ((i * 37 % 23) as f32) - 11.0).collect();

@@ -1,13 +1,12 @@
 //! Tests of `paged_decode_selected`, its reference and `merge_partial`.
 
 use super::decode::{decode_lists, DecodeInputs};
-use super::selection::all_rows_mask;
+use crate::selection::{all_rows_mask, merge_partial, PageSelection};
 use super::test_support::{
     assert_close, dense_attention, paged_batch, to_f32_vec, PagedBatch, Rng,
 };
 use super::{
-    merge_partial, paged_decode, paged_decode_selected, paged_decode_selected_reference,
-    AttentionWithLse, PageSelection,
+    paged_decode, paged_decode_selected, paged_decode_selected_reference, AttentionWithLse,
 };
 use candle_core::{DType, Tensor};
 

@@ -1,16 +1,17 @@
-//! Deterministic random data, paged batches and a dense f64 attention for the kernel tests.
+//! Deterministic random data, paged batches and a dense f64 attention: helpers for the tests of
+//! these kernels and of the policies built on them (public for those, not an API).
 
 use super::write_kv;
 use candle_core::{DType, Device, Tensor};
 
-pub(crate) use crate::rng::Rng;
+pub use crate::rng::Rng;
 
-pub(crate) fn key_chunk(dtype: DType) -> usize {
+pub fn key_chunk(dtype: DType) -> usize {
     16 / dtype.size_in_bytes()
 }
 
 /// Caches full of random values, so a missed or misplaced write shows up.
-pub(crate) fn garbage_caches(
+pub fn garbage_caches(
     rng: &mut Rng,
     num_blocks: usize,
     kv_heads: usize,
@@ -28,7 +29,7 @@ pub(crate) fn garbage_caches(
     (key_cache, value_cache)
 }
 
-pub(crate) fn to_f32_vec(t: &Tensor) -> Vec<f32> {
+pub fn to_f32_vec(t: &Tensor) -> Vec<f32> {
     t.to_dtype(DType::F32)
         .unwrap()
         .flatten_all()
@@ -38,7 +39,7 @@ pub(crate) fn to_f32_vec(t: &Tensor) -> Vec<f32> {
 }
 
 /// Sequences written with `write_kv` into randomly permuted blocks, plus their original K/V.
-pub(crate) struct PagedBatch {
+pub struct PagedBatch {
     pub key_cache: Tensor,
     pub value_cache: Tensor,
     pub block_tables: Tensor,
@@ -50,7 +51,7 @@ pub(crate) struct PagedBatch {
     pub kv_heads: usize,
 }
 
-pub(crate) fn paged_batch(
+pub fn paged_batch(
     rng: &mut Rng,
     lens: &[usize],
     kv_heads: usize,
@@ -115,7 +116,7 @@ pub(crate) fn paged_batch(
 }
 
 /// Decode attention from the original (unpaged) K/V in f64, independent of the cache layout.
-pub(crate) fn dense_decode(
+pub fn dense_decode(
     batch: &PagedBatch,
     query: &Tensor,
     scale: f32,
@@ -127,7 +128,7 @@ pub(crate) fn dense_decode(
 /// Like [`dense_decode`], restricted to the tokens `t` with `allowed(seq, row, kv_head, t)` (within
 /// the row's causal limit), and also returning the log-sum-exp per (seq, row, head), `-inf` for
 /// rows that attend to nothing.
-pub(crate) fn dense_attention(
+pub fn dense_attention(
     batch: &PagedBatch,
     query: &Tensor,
     scale: f32,
@@ -185,7 +186,7 @@ pub(crate) fn dense_attention(
 }
 
 /// `|actual - expected| <= rel_tol * max|expected|` element-wise (floor 1e-6 on the scale).
-pub(crate) fn assert_close(actual: &[f32], expected: &[f32], rel_tol: f32, what: &str) {
+pub fn assert_close(actual: &[f32], expected: &[f32], rel_tol: f32, what: &str) {
     assert_eq!(actual.len(), expected.len(), "{what}: length");
     let scale = expected.iter().fold(0f32, |m, e| m.max(e.abs())).max(1e-6);
     let (worst, err) = actual

@@ -1,5 +1,5 @@
 //! Per-(sequence, kv head) page lists with per-row masks: what the sparse KV policies (Quest,
-//! RetroAttention) hand to [`super::paged_decode_selected`].
+//! RetroAttention) hand to [`crate::cpu::paged_decode_selected`] (and its CUDA twin).
 
 use candle_core::{bail, Result};
 
@@ -180,6 +180,55 @@ pub fn merge_partial(o_a: &mut [f32], lse_a: &mut f32, o_b: &[f32], lse_b: f32) 
     *lse_a = max + total.ln();
 }
 
+/// A selection in the device kernels' layout: lists padded to `stride` pages (`pages` and `masks`
+/// `[lists * stride]`, `counts [lists]`).
+#[derive(Debug, PartialEq)]
+pub struct PaddedLists {
+    pub stride: usize,
+    pub pages: Vec<u32>,
+    pub counts: Vec<u32>,
+    pub masks: Vec<u32>,
+}
+
+/// Per sequence, the longest of its KV heads' lists (what a device plan's stride must hold).
+pub fn longest_lists(selection: &PageSelection, batch: usize) -> Vec<usize> {
+    let kv_heads = selection.kv_heads;
+    (0..batch)
+        .map(|seq| (0..kv_heads).map(|h| selection.list(seq, h).len()).max().unwrap_or(0))
+        .collect()
+}
+
+impl PaddedLists {
+    /// Padded to `stride`, or to the longest list where that is longer, so one copy fits the plan.
+    pub fn from_selection(selection: &PageSelection, batch: usize, stride: usize) -> Self {
+        let lists = batch * selection.kv_heads;
+        let stride = (0..lists).map(|l| selection.offsets[l + 1] - selection.offsets[l]).max().unwrap_or(0).max(stride).max(1);
+        let mut out = Self { stride, pages: vec![0; lists * stride], counts: vec![0; lists], masks: vec![0; lists * stride] };
+        for l in 0..lists {
+            let entries = &selection.entries[selection.offsets[l]..selection.offsets[l + 1]];
+            for (i, e) in entries.iter().enumerate() {
+                out.pages[l * stride + i] = e.page;
+                out.masks[l * stride + i] = e.rows;
+            }
+            out.counts[l] = entries.len() as u32;
+        }
+        out
+    }
+
+    /// Back to a host selection (the masks say which rows use each page).
+    pub fn to_selection(&self, kv_heads: usize) -> PageSelection {
+        let mut selection = PageSelection::new(kv_heads);
+        for (l, &count) in self.counts.iter().enumerate() {
+            for i in 0..count as usize {
+                selection.push(self.pages[l * self.stride + i], self.masks[l * self.stride + i]);
+            }
+            selection.finish_list();
+        }
+        selection
+    }
+}
+
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,5 +330,29 @@ mod tests {
         merge_partial(&mut o, &mut lse, &[3.0], 200.0);
         assert!((o[0] - 2.0).abs() < 1e-6);
         assert!((lse - (200.0 + 2f32.ln())).abs() < 1e-4);
+    }
+
+    #[test]
+    fn padded_lists_round_trip_ragged_lists() {
+        let mut sel = PageSelection::new(2);
+        for (pages, mask) in [(vec![0u32, 3, 9], 3u32), (vec![0, 9], 2), (vec![0], 1), (vec![], 0)] {
+            for p in pages {
+                sel.push(p, mask);
+            }
+            sel.finish_list();
+        }
+        assert_eq!(longest_lists(&sel, 2), vec![3, 1]);
+        let padded = PaddedLists::from_selection(&sel, 2, 0);
+        assert_eq!(padded.stride, 3);
+        assert_eq!(padded.counts, vec![3, 2, 1, 0]);
+        assert_eq!(&padded.pages[3..6], &[0, 9, 0]);
+        let wider = PaddedLists::from_selection(&sel, 2, 5);
+        assert_eq!(wider.stride, 5);
+        assert_eq!(&wider.pages[5..10], &[0, 9, 0, 0, 0]);
+        assert_eq!(wider.to_selection(2).entries, sel.entries);
+        assert_eq!(&padded.masks[0..3], &[3, 3, 3]);
+        let back = padded.to_selection(2);
+        assert_eq!(back.offsets, sel.offsets);
+        assert_eq!(back.entries, sel.entries);
     }
 }

@@ -24,7 +24,7 @@ const BLOCK_K: usize = 128;
 /// `h / (heads / kv_heads)`), any float dtype (arithmetic in f32). Returns `[1, heads, n, d]` in
 /// `q`'s dtype. Row `i` attends to keys `0..=i`.
 pub fn causal_prompt_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
-    let shape = retro_kernels::PromptShape::of(q, k, v)?;
+    let shape = crate::PromptShape::of(q, k, v)?;
     let (heads, n, d, group) = (shape.heads, shape.n, shape.d, shape.group());
     let to_f32 = |t: &Tensor| -> Result<Vec<f32>> { t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>() };
     let (q32, k32, v32) = (to_f32(q)?, to_f32(k)?, to_f32(v)?);
