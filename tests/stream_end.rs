@@ -39,7 +39,8 @@ async fn a_stream_closed_without_a_finish_reason_ends_with_an_error_event_and_do
     let model = smollm2_dir();
     let args = mistralrs_retro::server::ServerArgs::parse_from(["mistralrs-server", "--model", model.to_str().unwrap(), "--cpu", "--kv-policy", "full"]);
     let (_, source) = args.validate().expect("valid arguments");
-    let (state, _) = mistralrs_retro::server::build_engine_with_policy(&args, &source, None).await.expect("engine");
+    let settings = args.engine_settings(&source).expect("engine settings");
+    let (state, _) = mistralrs_retro::server::build_engine(&settings, None).await.expect("engine");
     let chat = body_after_drop!(ChatCompletionStreamer, state.clone());
     let completion = body_after_drop!(CompletionStreamer, state.clone());
     for (kind, raw) in [("chat", chat), ("completion", completion)] {

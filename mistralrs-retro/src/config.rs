@@ -22,12 +22,58 @@
 //!
 //! Unknown keys and out-of-range values are errors that name the key, the value and what is allowed.
 
+use std::fmt;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-use crate::policy::PolicyKind;
+/// A policy a user can select with `--kv-policy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicyKind {
+    /// Every cached token: upstream behaviour, the correctness baseline.
+    Full,
+    /// Per KV head, the top-k pages by an upper bound of q·k from per-page key min/max.
+    Quest,
+    /// Quest plus RetroAttention: the last w−1 rows are corrected with later steps' pages.
+    Retro,
+}
+
+impl PolicyKind {
+    /// Every policy this build registers, by the name users type.
+    pub const ALL: &'static [PolicyKind] = &[PolicyKind::Full, PolicyKind::Quest, PolicyKind::Retro];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PolicyKind::Full => "full",
+            PolicyKind::Quest => "quest",
+            PolicyKind::Retro => "retro",
+        }
+    }
+
+    pub fn names() -> Vec<&'static str> {
+        Self::ALL.iter().map(|k| k.name()).collect()
+    }
+
+    pub fn from_name(name: &str) -> anyhow::Result<Self> {
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|k| k.name() == name)
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "unknown KV policy `{name}`; this build provides: {}",
+                    Self::names().join(", ")
+                )
+            })
+    }
+}
+
+impl fmt::Display for PolicyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// How many tokens a sparse step may read.
 #[derive(Clone, Copy, Debug, PartialEq)]

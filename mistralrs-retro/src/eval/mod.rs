@@ -34,7 +34,7 @@ use serde::Serialize;
 
 use crate::config::Budget;
 use crate::policy::{QuestPolicy, RetroPolicy, ServedPolicy};
-use crate::server::ServerArgs;
+use crate::server::{CacheSize, EngineSettings, ModelSource, PagedCache};
 use forcing::{ForcedRecord, Forcer, Greedy, Reference};
 use switch::SwitchPolicy;
 
@@ -378,6 +378,9 @@ impl EvalArgs {
             problems: self.problems.unwrap_or(if q { 2 } else { 0 }),
             check_retro_w1: self.check_retro_w1 || q,
         };
+        if !crate::server::SUPPORTED_BLOCK_SIZES.contains(&self.page_size) {
+            bail!("--page-size {}: must be one of {:?}", self.page_size, crate::server::SUPPORTED_BLOCK_SIZES);
+        }
         if s.budgets.iter().any(|b| !(*b > 0.0 && *b <= 1.0)) {
             bail!("--budgets: each must be in (0, 1]");
         }
@@ -565,15 +568,19 @@ pub async fn run(args: EvalArgs) -> Result<Vec<QualityRecord>> {
     let per_budget = (forced_len + gen_prompt_tokens + setup.gen_tokens).max(setup.cost_context + setup.cost_steps) + 2 * (max_window + 2 * args.page_size);
     let context = (nb * per_budget).div_ceil(1024) * 1024 + 1024;
     let model_str = model.to_string_lossy().to_string();
-    let mut server_args = ServerArgs::parse_from([
-        "retro-eval", "--model", &model_str, "--cpu", "--dtype", "f32", "--no-prefix-cache",
-        "--pa-block-size", &args.page_size.to_string(), "--pa-context-len", &context.to_string(),
-        "--max-seqs", &(2 * nb + 1).to_string(), "--kv-policy", "full",
-    ]);
-    server_args.cpu_linear = args.cpu_linear;
+    let settings = EngineSettings {
+        source: ModelSource::from_path(&model)?,
+        cpu: true,
+        dtype: mistralrs_core::ModelDType::F32,
+        paged: Some(PagedCache { block_size: args.page_size, size: CacheSize::Tokens(context) }),
+        max_seqs: 2 * nb + 1,
+        prefix_cache: false,
+        seed: None,
+        max_seq_len: mistralrs_core::AutoDeviceMapParams::DEFAULT_MAX_SEQ_LEN,
+        cpu_linear: args.cpu_linear,
+    };
     let switch = Arc::new(SwitchPolicy::new());
-    let (_, source) = server_args.validate()?;
-    let (engine, _) = crate::server::build_engine_with_policy(&server_args, &source, Some(switch.clone())).await?;
+    let (engine, _) = crate::server::build_engine(&settings, Some(switch.clone())).await?;
     let load_secs = started.elapsed().as_secs_f64();
 
     // The budgets each configuration's batch runs: `full` needs none, a refresh with its own N one.
@@ -931,7 +938,7 @@ fn machine() -> serde_json::Value {
 /// length, budget); returns where the batch's sequence ids will be recorded (see [`check_ids`]).
 fn activate(switch: &SwitchPolicy, kind: Kind, policy: &Arc<PhasePolicy>, order: Vec<(usize, f64)>) -> Result<Arc<Mutex<Vec<Option<usize>>>>> {
     let assigned = Arc::new(Mutex::new(Vec::new()));
-    // As `policy::install` does when serving (the switch installs no policy itself).
+    // As `policy::build` does when serving (the switch builds no policy itself).
     crate::policy::set_linear_paths_for(if kind == Kind::Full { crate::policy::PolicyKind::Full } else { crate::policy::PolicyKind::Quest });
     switch.switch_to(policy.served.clone(), Some(budget_hook(policy.clone(), order, assigned.clone())))?;
     Ok(assigned)

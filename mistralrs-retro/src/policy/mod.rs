@@ -16,62 +16,14 @@ mod retro_tests;
 mod step_timing;
 mod trace;
 
-use std::fmt;
 use std::sync::Arc;
 
 pub use full::FullPolicy;
-use mistralrs_core::kv_policy::{register_kv_policy, KvPolicy};
+use mistralrs_core::kv_policy::KvPolicy;
 pub use quest::QuestPolicy;
 pub use retro::RetroPolicy;
 
-pub use crate::config::PolicyConfig;
-
-/// A policy a user can select with `--kv-policy`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PolicyKind {
-    /// Every cached token: upstream behaviour, the correctness baseline.
-    Full,
-    /// Per KV head, the top-k pages by an upper bound of q·k from per-page key min/max.
-    Quest,
-    /// Quest plus RetroAttention: the last w−1 rows are corrected with later steps' pages.
-    Retro,
-}
-
-impl PolicyKind {
-    /// Every policy this build registers, by the name users type.
-    pub const ALL: &'static [PolicyKind] = &[PolicyKind::Full, PolicyKind::Quest, PolicyKind::Retro];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            PolicyKind::Full => "full",
-            PolicyKind::Quest => "quest",
-            PolicyKind::Retro => "retro",
-        }
-    }
-
-    pub fn names() -> Vec<&'static str> {
-        Self::ALL.iter().map(|k| k.name()).collect()
-    }
-
-    pub fn from_name(name: &str) -> anyhow::Result<Self> {
-        Self::ALL
-            .iter()
-            .copied()
-            .find(|k| k.name() == name)
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "unknown KV policy `{name}`; this build provides: {}",
-                    Self::names().join(", ")
-                )
-            })
-    }
-}
-
-impl fmt::Display for PolicyKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
+pub use crate::config::{PolicyConfig, PolicyKind};
 
 /// One number a policy reports on `/metrics` (Prometheus text format, prefixed `mistralrs_kv_`).
 #[derive(Clone, Debug, PartialEq)]
@@ -283,12 +235,11 @@ pub fn set_linear_paths_for(kind: PolicyKind) {
     mistralrs_quant::set_cuda_fold_batch_rows(fold);
 }
 
-/// Register the policy with mistral.rs. Must run before the model (and its KV cache) is loaded.
-pub fn install(config: &PolicyConfig) -> Arc<dyn ServedPolicy> {
+/// The policy `config` selects, with the linear layers' paths set for it. The engine registers it
+/// with mistral.rs (`server::build_engine`) before the model and its KV cache load.
+pub fn build(config: &PolicyConfig) -> Arc<dyn ServedPolicy> {
     set_linear_paths_for(config.kind);
-    let policy = config.build();
-    register_kv_policy(policy.clone());
-    policy
+    config.build()
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-use crate::server::ModelSource;
+use super::model_source::ModelSource;
 
 /// This process's place in the ring.
 #[derive(Debug, Clone, PartialEq)]

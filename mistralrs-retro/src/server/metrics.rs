@@ -98,6 +98,24 @@ pub fn render(http: &HttpMetrics, policy: Option<&dyn ServedPolicy>, free_kv_blo
     text
 }
 
+/// The `/metrics` text: HTTP numbers, the policy's, the KV pool's and the tensor-parallel rank.
+fn metrics_text(http: &HttpMetrics, policy: Option<&dyn ServedPolicy>, ring: Option<&super::tp::RingRank>) -> String {
+    let mut text = render(http, policy, mistralrs_core::kv_policy::free_kv_blocks());
+    text.push_str(&super::tp::metrics_text(ring));
+    text
+}
+
+pub(super) fn metrics_route(
+    http: std::sync::Arc<HttpMetrics>,
+    policy: Option<std::sync::Arc<dyn ServedPolicy>>,
+    ring: Option<super::tp::RingRank>,
+) -> axum::routing::MethodRouter {
+    axum::routing::get(move || {
+        let text = metrics_text(&http, policy.as_deref(), ring.as_ref());
+        async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text) }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

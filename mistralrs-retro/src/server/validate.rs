@@ -145,6 +145,53 @@ pub fn check(path: &str, body: &Value, limits: &RequestLimits) -> Result<(), (St
     Ok(())
 }
 
+/// What [`check`] holds requests against, for the model the server loaded.
+pub(super) fn request_limits(source: &super::ModelSource, max_sequence_tokens: usize, engine: &mistralrs_core::MistralRs) -> RequestLimits {
+    let (tokenizer, sampling_defaults) = match source {
+        super::ModelSource::SafetensorsDir(dir) => {
+            (tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).ok(), SamplingDefaults::from_model_dir(dir))
+        }
+        _ => (None, SamplingDefaults::default()),
+    };
+    if !sampling_defaults.is_empty() {
+        tracing::info!("requests that set none of temperature, top_p, top_k get the model's generation_config.json: {sampling_defaults}");
+    }
+    RequestLimits {
+        model_ids: engine.list_models().unwrap_or_default(),
+        max_sequence_tokens,
+        tokenizer,
+        sampling_defaults,
+    }
+}
+
+/// Refuse bad generation requests with a 4xx naming the field (see `validate`); pass the rest on.
+pub(super) async fn check_request(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+    limits: &RequestLimits,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let path = request.uri().path().to_owned();
+    if request.method() != axum::http::Method::POST || !matches!(path.as_str(), "/v1/chat/completions" | "/v1/completions") {
+        return next.run(request).await;
+    }
+    let (mut parts, body) = request.into_parts();
+    let mut bytes = match axum::body::to_bytes(body, 64 << 20).await {
+        Ok(bytes) => bytes,
+        Err(e) => return (axum::http::StatusCode::PAYLOAD_TOO_LARGE, format!("request body: {e}")).into_response(),
+    };
+    if let Ok(mut json) = serde_json::from_slice::<serde_json::Value>(&bytes) {
+        if let Err((status, message)) = check(&path, &json, limits) {
+            return (status, axum::Json(serde_json::json!({ "message": message }))).into_response();
+        }
+        if limits.sampling_defaults.apply(&mut json) {
+            bytes = serde_json::to_vec(&json).expect("a parsed JSON value serializes").into();
+            parts.headers.insert(axum::http::header::CONTENT_LENGTH, bytes.len().into());
+        }
+    }
+    next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
