@@ -131,7 +131,7 @@ fn bad_policy_config_values_exit_nonzero_naming_them() {
             assert!(out.contains(needle), "{text}: message lacks `{needle}`: {out}");
         }
     }
-    for (flag, value) in [("--kv-window", "0"), ("--kv-output-cache-blocks", "0"), ("--kv-policy", "retr0"), ("--kv-refresh-every", "2")] {
+    for (flag, value) in [("--kv-window", "0"), ("--kv-output-cache-blocks", "0"), ("--kv-policy", "retr0"), ("--kv-refresh-every", "2"), ("--prompt-attention", "fast"), ("--linear-rows", "fused")] {
         let (code, out) = run_server_expecting_exit(&["--model", model, flag, value]);
         assert_ne!(code, 0, "{flag} {value} exited 0");
         let key = flag.trim_start_matches("--kv-").replace('-', "_");

@@ -68,7 +68,7 @@ fn main() {
             name: "full, upstream prompt attn",
             policy: "full-upstream-prefill",
             window: 1,
-            server: Server::start_with_env(&with(&["--kv-policy", "full"]), &[("RETRO_CPU_PROMPT_ATTENTION", "upstream")]),
+            server: Server::start(&with(&["--kv-policy", "full", "--prompt-attention", "upstream"])),
         },
         Config { name: "full", policy: "full", window: 1, server: Server::start(&with(&["--kv-policy", "full"])) },
         Config { name: "quest 12.5%", policy: "quest", window: 1, server: Server::start(&sparse("1")) },

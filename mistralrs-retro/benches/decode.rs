@@ -48,10 +48,10 @@ fn main() {
         // The same retro w=2 with linear layers on gemm's packed path (before patch mistralrs-quant/0001).
         (
             "retro w=2 packed gemm",
-            Server::start_with_env(
-                &with(&["--kv-policy", "retro", "--kv-window", "2", "--kv-budget-ratio", "0.125", "--kv-budget-min-tokens", "0"]),
-                &[("RETRO_CPU_ROW_SPLIT_LIMIT", "0")],
-            ),
+            Server::start(&with(&[
+                "--kv-policy", "retro", "--kv-window", "2", "--kv-budget-ratio", "0.125", "--kv-budget-min-tokens", "0",
+                "--linear-rows", "upstream",
+            ])),
         ),
     ];
     const FULL: usize = 1;

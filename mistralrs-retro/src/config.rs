@@ -97,6 +97,43 @@ impl Budget {
     }
 }
 
+/// Which of two implementations of the same math a policy's step uses: ours (`retro-kernels`) or
+/// upstream's. `auto` picks per policy and device (see [`PolicyConfig::prompt_attention`] and
+/// [`PolicyConfig::linear_rows`]). The results differ by float rounding only.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KernelChoice {
+    #[default]
+    Auto,
+    Ours,
+    Upstream,
+}
+
+impl KernelChoice {
+    pub const NAMES: [&'static str; 3] = ["auto", "ours", "upstream"];
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES[self as usize]
+    }
+
+    fn from_key(value: &str, key: &str, source: &str) -> Result<Self> {
+        match value {
+            "auto" => Ok(Self::Auto),
+            "ours" => Ok(Self::Ours),
+            "upstream" => Ok(Self::Upstream),
+            other => bail!("{source}: key `{key}` = \"{other}\": must be one of auto, ours, upstream"),
+        }
+    }
+
+    /// Ours for every policy (`ours`), for none (`upstream`), or where `auto` says.
+    pub fn ours(self, auto: bool) -> bool {
+        match self {
+            Self::Auto => auto,
+            Self::Ours => true,
+            Self::Upstream => false,
+        }
+    }
+}
+
 /// A fully resolved policy selection.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PolicyConfig {
@@ -111,6 +148,14 @@ pub struct PolicyConfig {
     /// Every `refresh_every` decode steps, retro replays that many tokens with dense attention at
     /// every layer, rewriting their K/V as full attention would (0: never). See docs/retro.md.
     pub refresh_every: usize,
+    /// A prompt's causal attention with nothing cached. `auto`: on CPU ours (a tiled kernel) for a
+    /// batch of one prompt under every policy; on CUDA ours (tensor cores, no score matrix) for
+    /// `quest` and `retro`, upstream's for `full`, which then stays upstream's bit for bit.
+    pub prompt_attention: KernelChoice,
+    /// Linear layers over the few rows per sequence of a sparse decode step. `auto`: ours for
+    /// `quest` and `retro` (CPU: 2..=8-row products read each weight row once; CUDA: a batch's rows
+    /// folded into one product), upstream's for `full`.
+    pub linear_rows: KernelChoice,
 }
 
 pub const DEFAULT_BUDGET_RATIO: f64 = 0.15;
@@ -133,6 +178,8 @@ impl PolicyConfig {
             window: DEFAULT_WINDOW,
             output_cache_blocks: DEFAULT_OUTPUT_CACHE_BLOCKS,
             refresh_every: 0,
+            prompt_attention: KernelChoice::Auto,
+            linear_rows: KernelChoice::Auto,
         }
     }
 
@@ -142,11 +189,12 @@ impl PolicyConfig {
             Budget::Tokens(n) => format!("budget_tokens={n}"),
             Budget::Ratio { ratio, min_tokens } => format!("budget_ratio={ratio} budget_min_tokens={min_tokens}"),
         };
+        let kernels = format!("prompt_attention={} linear_rows={}", self.prompt_attention.name(), self.linear_rows.name());
         match self.kind {
-            PolicyKind::Full => "kv-policy=full (attends to every cached token; no parameters)".into(),
-            PolicyKind::Quest => format!("kv-policy=quest {budget} dense_layers={}", self.dense_layers),
+            PolicyKind::Full => format!("kv-policy=full (attends to every cached token) {kernels}"),
+            PolicyKind::Quest => format!("kv-policy=quest {budget} dense_layers={} {kernels}", self.dense_layers),
             PolicyKind::Retro => format!(
-                "kv-policy=retro {budget} dense_layers={} window={} output_cache_blocks={} refresh_every={}",
+                "kv-policy=retro {budget} dense_layers={} window={} output_cache_blocks={} refresh_every={} {kernels}",
                 self.dense_layers, self.window, self.output_cache_blocks, self.refresh_every
             ),
         }
@@ -165,6 +213,10 @@ pub struct PolicySettings {
     pub window: Option<usize>,
     pub output_cache_blocks: Option<usize>,
     pub refresh_every: Option<usize>,
+    /// `auto`, `ours` or `upstream` ([`PolicyConfig::prompt_attention`]).
+    pub prompt_attention: Option<String>,
+    /// `auto`, `ours` or `upstream` ([`PolicyConfig::linear_rows`]).
+    pub linear_rows: Option<String>,
     /// Must equal the paged-attention block size when given (pages are blocks).
     pub page_size: Option<usize>,
 }
@@ -181,6 +233,8 @@ impl PolicySettings {
             window: over.window.or(self.window),
             output_cache_blocks: over.output_cache_blocks.or(self.output_cache_blocks),
             refresh_every: over.refresh_every.or(self.refresh_every),
+            prompt_attention: over.prompt_attention.clone().or_else(|| self.prompt_attention.clone()),
+            linear_rows: over.linear_rows.clone().or_else(|| self.linear_rows.clone()),
             page_size: over.page_size.or(self.page_size),
         }
     }
@@ -235,6 +289,12 @@ impl PolicySettings {
                 );
             }
             config.refresh_every = every;
+        }
+        if let Some(value) = &self.prompt_attention {
+            config.prompt_attention = KernelChoice::from_key(value, "prompt_attention", source)?;
+        }
+        if let Some(value) = &self.linear_rows {
+            config.linear_rows = KernelChoice::from_key(value, "linear_rows", source)?;
         }
         Ok(config)
     }
@@ -359,6 +419,8 @@ mod tests {
             ("[kv_policy]\nbudget_tokens = 64\nbudget_ratio = 0.1", &["budget_tokens", "budget_ratio"][..]),
             ("[kv_policy]\npolicy = \"retro\"\nwindow = 4\nrefresh_every = 4", &["refresh_every", "= 4", "5..=256", "window, 4"][..]),
             ("[kv_policy]\npolicy = \"retro\"\nrefresh_every = 1000", &["refresh_every", "1000", "3..=256"][..]),
+            ("[kv_policy]\nprompt_attention = \"fast\"", &["prompt_attention", "fast", "auto, ours, upstream"][..]),
+            ("[kv_policy]\nlinear_rows = \"\"", &["linear_rows", "\"\"", "auto, ours, upstream"][..]),
         ];
         for (text, needles) in cases {
             let msg = err(text);
@@ -366,6 +428,20 @@ mod tests {
                 assert!(msg.contains(needle), "`{text}` -> `{msg}` lacks `{needle}`");
             }
         }
+    }
+
+    #[test]
+    fn kernel_choices_resolve_from_the_file_and_show_in_the_startup_line() {
+        let file = PolicyFile::parse("[kv_policy]\npolicy = \"quest\"\nprompt_attention = \"upstream\"\nlinear_rows = \"ours\"", "cfg").unwrap();
+        let config = file.kv_policy.resolve(16, "cfg").unwrap();
+        assert_eq!((config.prompt_attention, config.linear_rows), (KernelChoice::Upstream, KernelChoice::Ours));
+        assert!(config.describe().contains("prompt_attention=upstream linear_rows=ours"), "{}", config.describe());
+        let defaults = PolicySettings::default().resolve(16, "cfg").unwrap();
+        assert_eq!((defaults.prompt_attention, defaults.linear_rows), (KernelChoice::Auto, KernelChoice::Auto));
+        for (choice, auto) in [(KernelChoice::Auto, true), (KernelChoice::Auto, false)] {
+            assert_eq!(choice.ours(auto), auto);
+        }
+        assert!(KernelChoice::Ours.ours(false) && !KernelChoice::Upstream.ours(true));
     }
 
     #[test]

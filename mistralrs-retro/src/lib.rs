@@ -7,7 +7,8 @@
 //! - [`server`]: `mistralrs-server` (command line, engine, request checks, `/metrics`, tensor
 //!   parallelism);
 //! - [`eval`]: `retro-eval`, the quality harness;
-//! - [`convert`]: `convert-gguf`, a GGUF file to a safetensors model directory.
+//! - [`convert`]: `convert-gguf`, a GGUF file to a safetensors model directory;
+//! - [`env`]: every environment variable, read once (diagnostics only).
 
 pub mod config;
 pub mod policy;
@@ -15,3 +16,4 @@ pub mod linear;
 pub mod server;
 pub mod eval;
 pub mod convert;
+pub mod env;

@@ -240,7 +240,7 @@ def run(args):
                            "flags": extra,
                            "ms": 1e3 * b / m["tok_s"] if m["tok_s"] else None, "gbps": None, "tok_s": m["tok_s"],
                            "prefill_s": m["prefill_s"], "together": args.together,
-                           "prompt_attention_env": os.environ.get("RETRO_CUDA_PROMPT_ATTENTION"), "errors": m["errors"], "finished_early": m["finished_early"]}
+                           "prompt_attention": spec.get("--prompt-attention", "auto"), "errors": m["errors"], "finished_early": m["finished_early"]}
                     rows.append(rec)
                     jsonl.write(json.dumps(rec) + "\n")
                     jsonl.flush()
@@ -297,7 +297,7 @@ def compare(args):
         name, _, extra_flags = policy_spec(policy)
         flags = ["--model", args.model, "--dtype", args.dtype, "--kv-policy", name, "--max-seqs", "4"] + extra_flags
         body = {"model": "default", "prompt": prompt, "max_tokens": 24, "temperature": 0}
-        tag = file_label(policy + ("-host-masks" if os.environ.get("RETRO_HOST_MASKS") == "1" else ""))
+        tag = file_label(policy)
         r = ask_once(args.binary, flags, args.port + i, os.path.join(OUT, f"compare-{tag}.log"), "/v1/completions", body,
                      metrics=os.path.join(OUT, f"compare-metrics-{tag}.txt"))
         texts.append(r["choices"][0]["text"] if "choices" in r else f"ERROR {r}")

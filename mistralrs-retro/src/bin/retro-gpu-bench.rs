@@ -9,7 +9,7 @@
 //! read: K and V of the attended tokens, plus for the sparse policies every page's bounds (min and
 //! max, in the cache's dtype: bf16 here).
 //!
-//! Usage: `retro-gpu-bench [--quick] [--prompt-only] [--json FILE]` (one JSON record per line;
+//! Usage: `retro-gpu-bench [--quick] [--prompt-only] [--json FILE] [--split BLOCKS,PAGES]` (one JSON record per line;
 //! `--prompt-only`: just the prompt-attention table).
 
 use std::io::Write;
@@ -184,14 +184,15 @@ fn main() -> Result<()> {
     let kv_token_bytes = (KV_HEADS * HEAD_DIM * 2 * 2) as f64; // K and V, bf16
     let bound_page_bytes = (KV_HEADS * 2 * HEAD_DIM * 2) as f64; // bf16 min and max
 
-    // Work partition (target CUDA blocks, min pages per split): RETRO_SPLIT="blocks,pages" overrides.
-    let split: (usize, usize) = std::env::var("RETRO_SPLIT")
-        .ok()
-        .and_then(|v| {
-            let (a, b) = v.split_once(',')?;
-            Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
-        })
-        .unwrap_or(DEFAULT_SPLIT);
+    // Work partition (target CUDA blocks, min pages per split): `--split BLOCKS,PAGES` overrides.
+    let split: (usize, usize) = match args.iter().position(|a| a == "--split") {
+        None => DEFAULT_SPLIT,
+        Some(i) => {
+            let value = args.get(i + 1).map(String::as_str).unwrap_or("");
+            let parsed = value.split_once(',').and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)));
+            parsed.with_context(|| format!("--split {value:?}: expected BLOCKS,PAGES (two whole numbers)"))?
+        }
+    };
     if !quick {
         split_sweep(&dev, scale)?;
     }

@@ -12,7 +12,7 @@
 //! and an unquantized layer fed `[batch, rows, k]` with the batch folded into its rows (patch
 //! mistralrs-quant/0004) against the same layer unfolded (`--gemv` runs it too). The tensor-core
 //! prompt (prefill) kernel is checked against `cpu::causal_prompt_attention` on ragged prompts
-//! (`--prompt` runs only that check).
+//! (`--prompt` runs only that check). `--seed N` seeds the random cases (default 0x5eed).
 //!
 //! Built on the CPU machine with `--features cuda`, run on the GPU machine: `scripts/gpu/check.sh`.
 
@@ -648,7 +648,17 @@ fn main() -> ExitCode {
     let replay_rows_only = std::env::args().any(|a| a == "--replay-rows");
     let gemv_only = std::env::args().any(|a| a == "--gemv");
     let prompt_only = std::env::args().any(|a| a == "--prompt");
-    let seed = std::env::var("RETRO_GPU_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_u64);
+    let args: Vec<String> = std::env::args().collect();
+    let seed = match args.iter().position(|a| a == "--seed") {
+        None => 0x5eed_u64,
+        Some(i) => match args.get(i + 1).and_then(|s| s.parse().ok()) {
+            Some(seed) => seed,
+            None => {
+                eprintln!("retro-gpu-check: --seed {:?}: expected a whole number", args.get(i + 1).map_or("", String::as_str));
+                return ExitCode::from(2);
+            }
+        },
+    };
     let gpu_dev = match Device::new_cuda(0) {
         Ok(d) => d,
         Err(e) => {

@@ -939,7 +939,7 @@ fn machine() -> serde_json::Value {
 fn activate(switch: &SwitchPolicy, kind: Kind, policy: &Arc<PhasePolicy>, order: Vec<(usize, f64)>) -> Result<Arc<Mutex<Vec<Option<usize>>>>> {
     let assigned = Arc::new(Mutex::new(Vec::new()));
     // As `policy::build` does when serving (the switch builds no policy itself).
-    crate::policy::set_linear_paths_for(if kind == Kind::Full { crate::policy::PolicyKind::Full } else { crate::policy::PolicyKind::Quest });
+    crate::linear::set_row_paths(if kind == Kind::Full { crate::policy::PolicyKind::Full } else { crate::policy::PolicyKind::Quest }, crate::config::KernelChoice::Auto);
     switch.switch_to(policy.served.clone(), Some(budget_hook(policy.clone(), order, assigned.clone())))?;
     Ok(assigned)
 }

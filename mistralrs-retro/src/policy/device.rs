@@ -8,9 +8,7 @@
 //! seen-page bitsets stay on the device (`DeviceOutputCache`), so a window step reads nothing back;
 //! only the steps where a row of the window has no cached entry (the first w − 1 steps after a
 //! prefill, rows after a trim) read the selection back and build the masks on the host, syncing
-//! the rows' bitsets both ways. `RETRO_HOST_MASKS=1` takes that path at every step and
-//! `RETRO_HOST_OUTPUT_CACHE=1` also keeps the values on the host as the CPU path does, for
-//! comparisons.
+//! the rows' bitsets both ways.
 
 use std::sync::{Arc, Mutex};
 
@@ -153,18 +151,8 @@ pub fn select_to_host(
 }
 
 /// The fused decode over a host-built selection with row masks: output (on the device, query
-/// dtype) and lse per (row, head) on the host, as `cpu::paged_decode_selected` returns them.
-pub fn decode_selection(
-    summaries: &DeviceSummaries,
-    attn: &DecodeAttention<'_>,
-    context_lens: &[usize],
-    selection: &PageSelection,
-) -> Result<(Tensor, Vec<f32>)> {
-    let (out, lse) = decode_selection_on_device(summaries, attn, context_lens, selection)?;
-    Ok((out, lse.flatten_all()?.to_vec1::<f32>()?))
-}
-
-/// [`decode_selection`] with the lse left on the device, `[rows, heads]` f32.
+/// dtype) and lse `[rows, heads]` f32, both left on the device, as `cpu::paged_decode_selected`
+/// returns them on the host.
 pub fn decode_selection_on_device(
     summaries: &DeviceSummaries,
     attn: &DecodeAttention<'_>,

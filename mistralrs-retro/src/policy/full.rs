@@ -11,12 +11,27 @@ use tracing::info;
 
 use retro_kernels::cpu;
 
-#[derive(Debug, Default)]
-pub struct FullPolicy;
+use super::PromptAttention;
+use crate::config::{KernelChoice, PolicyKind};
+
+#[derive(Debug)]
+pub struct FullPolicy {
+    prompt: PromptAttention,
+}
+
+impl Default for FullPolicy {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl FullPolicy {
     pub fn new() -> Self {
-        Self
+        Self { prompt: PromptAttention::new(PolicyKind::Full, KernelChoice::Auto) }
+    }
+
+    pub fn with_prompt_attention(self, choice: KernelChoice) -> Self {
+        Self { prompt: PromptAttention::new(PolicyKind::Full, choice) }
     }
 }
 
@@ -64,7 +79,7 @@ impl KvPolicy for FullPolicy {
                 alloc.block_size,
                 alloc.dtype,
             );
-            super::log_prompt_attention("full", key_cache.device());
+            info!("{}", self.prompt.describe(key_cache.device()));
         }
         Ok(())
     }
@@ -99,10 +114,10 @@ impl KvPolicy for FullPolicy {
     }
 
     fn prompt_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f32) -> Result<Option<Tensor>> {
-        super::prompt_attention(super::PolicyKind::Full, q, k, v, softmax_scale)
+        self.prompt.attend(q, k, v, softmax_scale)
     }
     fn prompt_attention_replaces_mask(&self, device: &candle_core::Device) -> bool {
-        super::prompt_attention_replaces_mask(super::PolicyKind::Full, device)
+        self.prompt.replaces_mask(device)
     }
 
     fn gather_kv(&self, _batch: &BatchInfo<'_>, gather: &GatherKv<'_>) -> Result<Option<(Tensor, Tensor)>> {

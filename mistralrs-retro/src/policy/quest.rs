@@ -10,7 +10,8 @@ use mistralrs_core::kv_policy::{BatchInfo, CacheAllocation, CacheWrite, DecodeAt
 use tracing::{debug, info};
 
 use retro_kernels::cpu::{pages_read, select_pages, PageSummaries, PlanInputs};
-use crate::config::Budget;
+use super::PromptAttention;
+use crate::config::{Budget, KernelChoice, PolicyKind};
 use retro_kernels::{cpu, PageSelection};
 
 /// Counters since startup, summed over layers and sequences.
@@ -33,6 +34,7 @@ pub struct QuestPolicy {
     /// (page, KV head) pairs each sequence's sparse layers read, once `keep_sequence_reads` is on
     /// (the quality harness compares bytes per step; CPU caches only). `None` when serving.
     sequence_reads: std::sync::Mutex<Option<HashMap<usize, u64>>>,
+    prompt: PromptAttention,
 }
 
 /// Where the page bounds live: beside a CPU cache, or on the device beside a CUDA one.
@@ -86,7 +88,13 @@ impl QuestPolicy {
             sequence_budgets: RwLock::new(HashMap::new()),
             stats: SparseStats::default(),
             sequence_reads: std::sync::Mutex::new(None),
+            prompt: PromptAttention::new(PolicyKind::Quest, KernelChoice::Auto),
         }
+    }
+
+    pub fn with_prompt_attention(mut self, choice: KernelChoice) -> Self {
+        self.prompt = PromptAttention::new(PolicyKind::Quest, choice);
+        self
     }
 
     /// Count the sparse layers' reads per sequence from now on (see [`Self::sequence_reads`]).
@@ -182,23 +190,6 @@ impl QuestPolicy {
         Ok(StepPlan { block_size: summaries.block_size, kv_heads: summaries.kv_heads, tables, selection })
     }
 
-    /// The fused decode over a selection with row masks: the output in the query's dtype on the
-    /// query's device, and the lse per (row, head).
-    pub(super) fn run_selection(&self, attn: &DecodeAttention<'_>, tables: &StepTables, selection: &PageSelection) -> Result<(Tensor, Vec<f32>)> {
-        match self.summaries()? {
-            Summaries::Host(_) => {
-                let _ = tables; // the CPU kernel reads the lengths from `attn`
-                let result = cpu::paged_decode_selected(
-                    attn.query, attn.key_cache, attn.value_cache, attn.block_tables, attn.context_lens,
-                    selection, attn.softmax_scale, attn.softcap,
-                )?;
-                Ok((result.out, result.lse))
-            }
-            #[cfg(feature = "cuda")]
-            Summaries::Device(d) => super::device::decode_selection(&d, attn, &tables.context_lens, selection),
-        }
-    }
-
     /// Attention over every page: the dense layers, on CPU by our kernel; on CUDA by upstream's
     /// when each sequence has one query row, else (a replay window) by ours with every page selected.
     pub(super) fn decode_dense(&self, batch: &BatchInfo<'_>, attn: &DecodeAttention<'_>) -> Result<Option<Tensor>> {
@@ -275,7 +266,6 @@ impl QuestPolicy {
             alloc.dtype,
             summaries.bytes() as f64 / 1e6
         );
-        super::log_prompt_attention(policy, key_cache.device());
         *self.summaries.write().expect("lock poisoned") = Some(summaries);
         Ok(())
     }
@@ -291,7 +281,11 @@ impl KvPolicy for QuestPolicy {
     }
 
     fn cache_allocated(&self, alloc: &CacheAllocation<'_>) -> Result<()> {
-        self.cache_allocated_for(alloc, self.name())
+        self.cache_allocated_for(alloc, self.name())?;
+        if let Some((key_cache, _)) = alloc.caches.first() {
+            info!("{}", self.prompt.describe(key_cache.device()));
+        }
+        Ok(())
     }
 
     /// The sparse kernel takes per-sequence context lengths: no length buckets (patch 0004).
@@ -350,10 +344,10 @@ impl KvPolicy for QuestPolicy {
     }
 
     fn prompt_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f32) -> Result<Option<Tensor>> {
-        super::prompt_attention(super::PolicyKind::Quest, q, k, v, softmax_scale)
+        self.prompt.attend(q, k, v, softmax_scale)
     }
     fn prompt_attention_replaces_mask(&self, device: &candle_core::Device) -> bool {
-        super::prompt_attention_replaces_mask(super::PolicyKind::Quest, device)
+        self.prompt.replaces_mask(device)
     }
 
     /// Prefix-cache gathers read whole sequences: on CUDA, upstream's kernel.

@@ -25,7 +25,8 @@ use tracing::{debug, warn};
 use super::output_cache::{OutputCachePool, SequenceState};
 use super::quest::{QuestPolicy, StepPlan, StepTables};
 use super::{Metric, PolicyMetrics};
-use crate::config::Budget;
+use super::PromptAttention;
+use crate::config::{Budget, KernelChoice, PolicyKind};
 use retro_kernels::{merge_partial, PageSelection};
 
 pub struct RetroPolicy {
@@ -40,6 +41,7 @@ pub struct RetroPolicy {
     /// Numbers of finished sequences, by sequence id, when `keep_sequence_numbers` is on (the
     /// quality harness reads exposure per sequence).
     finished: std::sync::Mutex<Option<std::collections::HashMap<usize, super::output_cache::SequenceNumbers>>>,
+    prompt: PromptAttention,
     /// On CUDA: the output cache's values, made at the first sparse window step (see `device.rs`).
     #[cfg(feature = "cuda")]
     device_cache: std::sync::Mutex<Option<std::sync::Arc<super::device::DeviceOutputCache>>>,
@@ -71,6 +73,7 @@ impl RetroPolicy {
             steps_since_refresh: AtomicUsize::new(0),
             pool: OutputCachePool::new(output_cache_blocks, window),
             finished: std::sync::Mutex::new(None),
+            prompt: PromptAttention::new(PolicyKind::Retro, KernelChoice::Auto),
             #[cfg(feature = "cuda")]
             device_cache: std::sync::Mutex::new(None),
             #[cfg(feature = "cuda")]
@@ -78,12 +81,10 @@ impl RetroPolicy {
         }
     }
 
-    /// The device-resident output cache for this query shape, unless the cache is on the host or
-    /// `RETRO_HOST_OUTPUT_CACHE=1` asks for the host path.
+    /// The device-resident output cache for this query shape, unless the cache is on the host.
     #[cfg(feature = "cuda")]
     fn device_output_cache(&self, attn: &DecodeAttention<'_>, layers: usize) -> Result<Option<std::sync::Arc<super::device::DeviceOutputCache>>> {
-        static HOST: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        if attn.query.device().is_cpu() || *HOST.get_or_init(|| std::env::var("RETRO_HOST_OUTPUT_CACHE").is_ok_and(|v| v == "1")) {
+        if attn.query.device().is_cpu() {
             return Ok(None);
         }
         let (_, heads, head_dim) = attn.query.dims3()?;
@@ -107,6 +108,11 @@ impl RetroPolicy {
     pub fn with_refresh(mut self, every: usize) -> Self {
         assert!(every == 0 || every > self.window, "refresh_every {every} must exceed the window {}", self.window);
         self.refresh_every = every;
+        self
+    }
+
+    pub fn with_prompt_attention(mut self, choice: KernelChoice) -> Self {
+        self.prompt = PromptAttention::new(PolicyKind::Retro, choice);
         self
     }
 
@@ -320,14 +326,9 @@ impl RetroPolicy {
     /// [`Self::decode_window`] with nothing read back (CUDA): the selection, the row masks (from the
     /// rows' seen bitsets on the device) and the decode stay on the device; the host does the
     /// bookkeeping that depends on positions only. `None` (the host path runs) when some row of the
-    /// window has no cached entry (a prompt row or a row after a trim: their lists differ), or
-    /// under `RETRO_HOST_MASKS=1`.
+    /// window has no cached entry (a prompt row or a row after a trim: their lists differ).
     #[cfg(feature = "cuda")]
     fn decode_window_on_device(&self, batch: &BatchInfo<'_>, attn: &DecodeAttention<'_>, layer: usize, rows: usize) -> Result<Option<Tensor>> {
-        static HOST_MASKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        if *HOST_MASKS.get_or_init(|| std::env::var("RETRO_HOST_MASKS").is_ok_and(|v| v == "1")) {
-            return Ok(None);
-        }
         let super::quest::Summaries::Device(d) = self.quest.summaries()? else { return Ok(None) };
         let Some(cache) = self.device_output_cache(attn, d.num_layers())? else { return Ok(None) };
         let (block_size, kv_heads) = (d.block_size, d.kv_heads);
@@ -439,8 +440,8 @@ impl RetroPolicy {
         let _ = (inner, seq_id);
     }
 
-    /// This step's partial results, where the output cache's values live: the device cache (CUDA,
-    /// unless `RETRO_HOST_OUTPUT_CACHE=1`) or host rows.
+    /// This step's partial results, where the output cache's values live: the device cache (CUDA)
+    /// or host rows (CPU).
     fn step_values(&self, attn: &DecodeAttention<'_>, tables: &StepTables, fused: &PageSelection) -> Result<RowValues> {
         #[cfg(feature = "cuda")]
         if let super::quest::Summaries::Device(d) = self.quest.summaries()? {
@@ -449,8 +450,13 @@ impl RetroPolicy {
                 return RowValues::device(cache, out, lse);
             }
         }
-        let (out, lse) = self.quest.run_selection(attn, tables, fused)?;
-        RowValues::host(&out, lse)
+        // On the CPU: the fused decode over the selection with row masks.
+        let _ = tables; // the CPU kernel reads the lengths from `attn`
+        let result = retro_kernels::cpu::paged_decode_selected(
+            attn.query, attn.key_cache, attn.value_cache, attn.block_tables, attn.context_lens,
+            fused, attn.softmax_scale, attn.softcap,
+        )?;
+        RowValues::host(&result.out, result.lse)
     }
 
     /// A refresh step (`refresh_every`): every row of the replay attends to every page at every
@@ -686,7 +692,11 @@ impl KvPolicy for RetroPolicy {
     }
 
     fn cache_allocated(&self, alloc: &CacheAllocation<'_>) -> Result<()> {
-        self.quest.cache_allocated_for(alloc, self.name())
+        self.quest.cache_allocated_for(alloc, self.name())?;
+        if let Some((key_cache, _)) = alloc.caches.first() {
+            tracing::info!("{}", self.prompt.describe(key_cache.device()));
+        }
+        Ok(())
     }
 
     fn write_kv(&self, batch: &BatchInfo<'_>, write: &CacheWrite<'_>) -> Result<bool> {
@@ -741,10 +751,10 @@ impl KvPolicy for RetroPolicy {
     }
 
     fn prompt_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f32) -> Result<Option<Tensor>> {
-        super::prompt_attention(super::PolicyKind::Retro, q, k, v, softmax_scale)
+        self.prompt.attend(q, k, v, softmax_scale)
     }
     fn prompt_attention_replaces_mask(&self, device: &candle_core::Device) -> bool {
-        super::prompt_attention_replaces_mask(super::PolicyKind::Retro, device)
+        self.prompt.replaces_mask(device)
     }
 
     fn gather_kv(&self, batch: &BatchInfo<'_>, gather: &GatherKv<'_>) -> Result<Option<(Tensor, Tensor)>> {

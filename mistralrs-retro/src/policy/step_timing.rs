@@ -1,4 +1,4 @@
-//! RETRO_STEP_TIMING=1: where a decode step's time goes, for any policy, from the host's clock.
+//! RETRO_STEP_TIMING=1 (read in `crate::env`): where a decode step's time goes, for any policy, from the host's clock.
 //!
 //! Every policy sees each layer's cache write (`write_kv`), so the writes of the first and the last
 //! layer split a step into "the layers" (first write to last write) and "the rest" (the last layer's
@@ -36,7 +36,7 @@ impl StepClock {
 }
 
 static CLOCK: LazyLock<Option<Mutex<StepClock>>> = LazyLock::new(|| {
-    std::env::var("RETRO_STEP_TIMING").is_ok_and(|v| v == "1").then(|| Mutex::new(StepClock::default()))
+    crate::env::diagnostics().step_timing.then(|| Mutex::new(StepClock::default()))
 });
 
 /// From every policy's `write_kv`.

@@ -1,16 +1,14 @@
-//! `RETRO_TRACE_DECODE=N`: for the first N decode steps, print per layer and per query row the sum and
+//! `RETRO_TRACE_DECODE=N` (read in `crate::env`): for the first N decode steps, print per layer and per query row the sum and
 //! norm of the keys written, the query and the attention output (stderr, one line per tensor). Two runs
 //! of the same request (e.g. CUDA and `--cpu`) diffed line by line show the first layer and row where
 //! they part: before attention (query or keys differ: upstream's layers) or in it (only the output does).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::OnceLock;
 
 use candle_core::{DType, Result, Tensor};
 
 fn steps_traced() -> usize {
-    static STEPS: OnceLock<usize> = OnceLock::new();
-    *STEPS.get_or_init(|| std::env::var("RETRO_TRACE_DECODE").ok().and_then(|v| v.parse().ok()).unwrap_or(0))
+    crate::env::diagnostics().trace_decode_steps
 }
 
 /// Decode steps seen so far (counted at layer 0's cache write).

@@ -9,7 +9,7 @@ use mistralrs_core::{AutoDeviceMapParams, ModelDType};
 
 use super::engine::{CacheSize, EngineSettings, PagedCache};
 use super::model_source::ModelSource;
-use crate::config::{PolicyConfig, PolicyFile, PolicyKind, PolicySettings};
+use crate::config::{KernelChoice, PolicyConfig, PolicyFile, PolicyKind, PolicySettings};
 
 /// Architectures (config.json `model_type`, GGUF `general.architecture`) whose decode path was
 /// checked to take a replay window (docs/design.md §8): no recurrent state, no MLA decode.
@@ -66,6 +66,18 @@ pub struct ServerArgs {
     /// layer, rewriting their K/V as full attention would (0: never; CPU only) [default: 0].
     #[arg(long)]
     pub kv_refresh_every: Option<usize>,
+
+    /// A prompt's attention: `ours` (a tiled CPU kernel; a tensor-core CUDA kernel that never
+    /// builds the score matrix), `upstream` (candle's), or `auto` (ours, except `full` on CUDA,
+    /// which stays upstream's bit for bit) [default: auto].
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(KernelChoice::NAMES))]
+    pub prompt_attention: Option<String>,
+
+    /// Linear layers over a sparse step's few rows per sequence: `ours` (CPU: 2..=8-row products
+    /// read each weight row once; CUDA: a batch's rows folded into one product), `upstream`, or
+    /// `auto` (ours for quest and retro, upstream's for full) [default: auto].
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(KernelChoice::NAMES))]
+    pub linear_rows: Option<String>,
 
     /// Address to bind. Loopback unless you say otherwise.
     #[arg(long, default_value = "127.0.0.1")]
@@ -168,6 +180,8 @@ impl ServerArgs {
             window: self.kv_window,
             output_cache_blocks: self.kv_output_cache_blocks,
             refresh_every: self.kv_refresh_every,
+            prompt_attention: self.prompt_attention.clone(),
+            linear_rows: self.linear_rows.clone(),
             page_size: None,
         };
         // A budget flag replaces the file's budget of the other kind rather than clashing with it.
@@ -214,7 +228,7 @@ impl ServerArgs {
                 "the model uses sliding-window attention (window {window}): kv-policy={} does not support it; every layer runs kv-policy=full",
                 policy.kind
             );
-            policy = PolicyConfig::new(PolicyKind::Full);
+            policy = PolicyConfig { prompt_attention: policy.prompt_attention, linear_rows: policy.linear_rows, ..PolicyConfig::new(PolicyKind::Full) };
         }
         Ok((policy, source))
     }

@@ -79,7 +79,8 @@ pub async fn build_engine(
     policy: Option<Arc<dyn ServedPolicy>>,
 ) -> Result<(mistralrs_server_core::types::SharedMistralRsState, Option<Arc<dyn ServedPolicy>>)> {
     // Never reach for the hub: models are local paths.
-    std::env::set_var("HF_HUB_OFFLINE", "1");
+    crate::env::set_hub_offline();
+    crate::env::log_diagnostics();
     crate::linear::install(settings.cpu_linear);
 
     let paged = settings.paged.as_ref().map(PagedCache::config).transpose()?;

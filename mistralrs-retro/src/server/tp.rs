@@ -37,7 +37,7 @@ struct RingFile {
 
 /// `None` in a build without `ring`; in a ring build, RING_CONFIG's rank and world size.
 pub fn ring_rank() -> Result<Option<RingRank>> {
-    let var = std::env::var_os("RING_CONFIG");
+    let var = crate::env::ring_config();
     match (cfg!(feature = "ring"), var) {
         (false, None) => Ok(None),
         (false, Some(_)) => bail!(
