@@ -1,5 +1,6 @@
 //! Bad requests get a clear 4xx naming what is wrong, never a 5xx, a panic or a hang, and the server
-//! keeps serving (bad flags and config values are in `server.rs` and `policies.rs`).
+//! keeps serving (the checks: `mistralrs-retro/src/server/validate.rs`; bad flags and config values
+//! are tested in `tests/server.rs` and `tests/policies.rs`).
 
 mod common;
 

@@ -288,7 +288,7 @@ __device__ void selected_decode_fma(DECODE_PARAMS(T)) {
 }
 
 // Shared memory of the tensor-core body after the page slots (mirrored by decode_smem in
-// kernels/src/cuda.rs): queries [MQ][D + 8] in T, scores/probabilities [MQ][BS + 8] in f32, then
+// kernels/src/cuda/decode.rs): queries [MQ][D + 8] in T, scores/probabilities [MQ][BS + 8] in f32, then
 // alpha, max and sum [MQ] each. The +8 pads make the fragment loads and stores bank-conflict free
 // (row g of a fragment starts 4g words further along the banks).
 template <typename T, int D, int BS, int MAXQ>

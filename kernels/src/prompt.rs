@@ -1,5 +1,5 @@
 //! The shapes of one causal prompt attention call, checked the same way for the CPU kernel
-//! (`mistralrs-retro/src/cpu/prefill.rs`) and the CUDA one ([`crate::cuda::causal_prompt_attention`]).
+//! ([`crate::cpu::causal_prompt_attention`], `cpu/prefill.rs`) and the CUDA one ([`crate::cuda::causal_prompt_attention`]).
 
 use candle_core::{bail, Result, Tensor};
 

@@ -12,6 +12,8 @@
 //! window = 2                # retro only
 //! output_cache_blocks = 16  # retro only; default --max-seqs
 //! refresh_every = 0         # retro only; 0 = never, else a dense replay of that many tokens every that many steps
+//! prompt_attention = "auto" # auto | ours | upstream: which kernel computes a prompt's attention
+//! linear_rows = "auto"      # auto | ours | upstream: linear layers over a sparse step's few rows
 //!
 //! [[models]]                # first match wins; match by model id (path or name) and/or architecture
 //! model_id = "SmolLM2-135M-Instruct"

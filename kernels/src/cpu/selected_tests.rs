@@ -592,7 +592,7 @@ fn bench_selected_decode() {
 /// Fuzzing: random shapes (block size, GQA ratio, window rows, ragged lengths including empty and
 /// one-token contexts, random page lists and row masks, softcap) through the kernel, the reference
 /// and the dense f64 attention. `PROPTEST_CASES` sets the count: CI runs the default 512; the full
-/// run is `PROPTEST_CASES=100000 cargo test --release -p mistralrs-retro --lib fuzz_`.
+/// run is `PROPTEST_CASES=100000 cargo test --release -p retro-kernels --lib fuzz_`.
 mod fuzz {
     use super::*;
     use super::super::test_support::Rng;

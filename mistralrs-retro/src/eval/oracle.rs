@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use candle_core::{DType, Result, Tensor};
-use mistralrs_core::kv_policy::{BatchInfo, CacheAllocation, CacheWrite, DecodeAttention, GatherKv, KvPolicy};
+use mistralrs_core::kv_policy::{BatchInfo, CacheAllocation, CacheWrite, DecodeAttention, GatherKv, KvPolicy, StepInfo};
 
 use crate::policy::{Metric, PolicyMetrics, ServedPolicy};
 
@@ -70,6 +70,9 @@ impl KvPolicy for OracleKv {
     }
     fn cache_allocated(&self, alloc: &CacheAllocation<'_>) -> Result<()> {
         self.inner.cache_allocated(alloc)
+    }
+    fn begin_step(&self, step: &StepInfo<'_>) -> Result<()> {
+        self.inner.begin_step(step)
     }
     fn write_kv(&self, batch: &BatchInfo<'_>, write: &CacheWrite<'_>) -> Result<bool> {
         let (Some(layer), false) = (batch.layer, batch.is_prompt) else {

@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, RwLock};
 
 use candle_core::{DType, Result, Tensor};
-use mistralrs_core::kv_policy::{BatchInfo, CacheAllocation, CacheWrite, DecodeAttention, GatherKv, KvPolicy};
+use mistralrs_core::kv_policy::{BatchInfo, CacheAllocation, CacheWrite, DecodeAttention, GatherKv, KvPolicy, StepInfo};
 
 use crate::policy::{FullPolicy, Metric, PolicyMetrics, ServedPolicy};
 
@@ -125,14 +125,16 @@ impl KvPolicy for SwitchPolicy {
         });
         self.current().cache_allocated(alloc)
     }
-    fn write_kv(&self, batch: &BatchInfo<'_>, write: &CacheWrite<'_>) -> Result<bool> {
-        if batch.layer == Some(0) {
+    /// New sequences are announced to the hook (which sets their budgets) before the policy
+    /// plans the step.
+    fn begin_step(&self, step: &StepInfo<'_>) -> Result<()> {
+        {
             let mut seen = self.seen.lock().expect("lock poisoned");
-            let mut new: Vec<(usize, usize)> = batch
+            let mut new: Vec<(usize, usize)> = step
                 .seq_ids
                 .iter()
                 .copied()
-                .zip(batch.seq_context_lens.iter().copied())
+                .zip(step.seq_context_lens.iter().copied())
                 .filter(|(id, _)| !seen.contains(id))
                 .collect();
             new.sort_unstable();
@@ -143,6 +145,9 @@ impl KvPolicy for SwitchPolicy {
             }
             seen.extend(new.into_iter().map(|(id, _)| id));
         }
+        self.current().begin_step(step)
+    }
+    fn write_kv(&self, batch: &BatchInfo<'_>, write: &CacheWrite<'_>) -> Result<bool> {
         self.current().write_kv(batch, write)
     }
     fn decode_attention(&self, batch: &BatchInfo<'_>, attn: &DecodeAttention<'_>) -> Result<Option<Tensor>> {

@@ -5,7 +5,7 @@
 
 use candle_core::{Result, Tensor};
 use mistralrs_core::kv_policy::{
-    BatchInfo, CacheAllocation, CacheWrite, DecodeAttention, GatherKv, KvPolicy,
+    BatchInfo, CacheAllocation, CacheWrite, DecodeAttention, GatherKv, KvPolicy, StepInfo,
 };
 use tracing::info;
 
@@ -84,8 +84,12 @@ impl KvPolicy for FullPolicy {
         Ok(())
     }
 
+    fn begin_step(&self, step: &StepInfo<'_>) -> Result<()> {
+        super::step_began(step);
+        Ok(())
+    }
+
     fn write_kv(&self, batch: &BatchInfo<'_>, write: &CacheWrite<'_>) -> Result<bool> {
-        super::note_write(batch);
         super::step_timing::cache_written(batch, write.key_cache.device())?;
         if !write.key_cache.device().is_cpu() {
             return Ok(false);

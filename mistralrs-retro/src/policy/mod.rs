@@ -1,33 +1,37 @@
-//! The KV policies this build provides, and the registry that installs one into mistral.rs.
+//! The KV policies this build provides.
 //!
 //! Data flow: a [`PolicyConfig`] (from flags and config files, `crate::config`) → [`build`] makes
 //! the policy object → the engine registers it with mistral.rs's `kv_policy` seam
-//! (`crate::server::build_engine`) → paged attention calls it for every cache write, decode step,
-//! prompt and prefix gather. Sparse policies split each decode step into a
-//! plan (`retro_kernels::cpu::select_pages` over `PageSummaries`) and a run (`retro_kernels::cpu`).
+//! (`crate::server::build_engine`) → mistral.rs announces every step (`begin_step`) and paged
+//! attention calls the policy for every cache write, decode attention, prompt and prefix gather.
+//!
+//! - [`full`]: every cached token, upstream's math;
+//! - [`sparse`]: the sparse engine (page summaries, budgets, the per-step plan, selection and the
+//!   fused decode on a CPU or CUDA backend) that both sparse policies run on;
+//! - [`quest`]: the engine as a policy;
+//! - [`retro`]: the engine plus RetroAttention's window and output cache;
+//! - [`prompt`]: every policy's prompt attention; [`preemptions`]: the lifecycle counter;
+//! - [`trace`], [`step_timing`]: diagnostics (`crate::env`).
 
-#[cfg(feature = "cuda")]
-mod device;
 mod full;
-pub mod output_cache;
 mod preemptions;
 mod prompt;
 mod quest;
 mod retro;
-#[cfg(test)]
-mod retro_tests;
+mod sparse;
 mod step_timing;
 mod trace;
 
 use std::sync::Arc;
 
 pub use full::FullPolicy;
-use mistralrs_core::kv_policy::KvPolicy;
+use mistralrs_core::kv_policy::{KvPolicy, StepInfo};
 pub use quest::QuestPolicy;
 pub use preemptions::preemptions;
-pub(crate) use preemptions::{note_freed, note_preempted, note_write};
+pub(crate) use preemptions::{note_freed, note_preempted};
 pub use prompt::PromptAttention;
-pub use retro::RetroPolicy;
+pub use retro::{RetroPolicy, SequenceNumbers};
+pub use sparse::SparseEngine;
 
 pub use crate::config::{PolicyConfig, PolicyKind};
 
@@ -48,6 +52,15 @@ impl Metric {
 
     pub fn gauge(name: &'static str, help: &'static str, value: f64) -> Self {
         Self { name, help, kind: "gauge", value }
+    }
+}
+
+/// What every policy does when a step begins: note a prompt's sequences for the preemption
+/// counter, count a decode step for the trace.
+pub(crate) fn step_began(step: &StepInfo<'_>) {
+    preemptions::note_prefill(step);
+    if step.rows > 0 {
+        trace::next_step();
     }
 }
 

@@ -16,10 +16,10 @@ struct Preemptions {
 
 static PREEMPTIONS: LazyLock<Preemptions> = LazyLock::new(Preemptions::default);
 
-/// From `write_kv`: a prompt step's sequences now hold computed K/V.
-pub(crate) fn note_write(batch: &mistralrs_core::kv_policy::BatchInfo<'_>) {
-    if batch.is_prompt && batch.layer == Some(0) {
-        PREEMPTIONS.prefilled.lock().expect("lock poisoned").extend(batch.seq_ids.iter().copied());
+/// From `begin_step`: a prompt step's sequences are about to hold computed K/V.
+pub(crate) fn note_prefill(step: &mistralrs_core::kv_policy::StepInfo<'_>) {
+    if step.is_prompt {
+        PREEMPTIONS.prefilled.lock().expect("lock poisoned").extend(step.seq_ids.iter().copied());
     }
 }
 

@@ -124,23 +124,23 @@ impl OutputCacheBlock {
     }
 
     /// Which of the pool's blocks this is (0..capacity).
+    #[cfg(feature = "cuda")]
     pub fn id(&self) -> usize {
         self.id
     }
 
-    /// Row slots in the block (layers × (w − 1)); slot `i` is pool row `id * len + i`.
-    pub fn len(&self) -> usize {
+    /// Row slots in the block (layers × (w − 1)); slot `i` is pool row `id * row_slots + i`.
+    #[cfg(feature = "cuda")]
+    pub fn row_slots(&self) -> usize {
         self.rows.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
-    }
-
+    #[cfg(feature = "cuda")]
     pub fn at(&self, slot: usize) -> &RowEntry {
         &self.rows[slot]
     }
 
+    #[cfg(feature = "cuda")]
     pub fn at_mut(&mut self, slot: usize) -> &mut RowEntry {
         &mut self.rows[slot]
     }
@@ -288,6 +288,7 @@ impl OutputCachePool {
     }
 
     /// Row slots per layer and block (w − 1).
+    #[cfg(feature = "cuda")]
     pub fn slots(&self) -> usize {
         self.slots
     }

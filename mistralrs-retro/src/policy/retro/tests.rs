@@ -11,10 +11,11 @@
 use std::sync::atomic::Ordering;
 
 use candle_core::{DType, Device, Tensor};
-use mistralrs_core::kv_policy::{BatchInfo, CacheAllocation, CacheWrite, DecodeAttention, KvPolicy};
+use mistralrs_core::kv_policy::{BatchInfo, CacheAllocation, CacheWrite, DecodeAttention, KvPolicy, StepInfo};
 
 use retro_kernels::cpu::page_bound;
-use super::{QuestPolicy, RetroPolicy};
+use super::RetroPolicy;
+use crate::policy::QuestPolicy;
 use crate::config::Budget;
 use retro_kernels::cpu::test_support::{assert_close, garbage_caches, Rng};
 
@@ -210,8 +211,13 @@ fn simulate(policy: &dyn KvPolicy, world: &World, case: &Case) -> Vec<StepOutput
     let prompt_rows: Vec<(usize, usize)> =
         case.prompt_lens.iter().enumerate().flat_map(|(s, &l)| (0..l).map(move |p| (s, p))).collect();
     let slots = prompt_rows.iter().map(|&(s, p)| world.slot(s, p)).collect();
-    let batch = BatchInfo { layer: Some(0), seq_ids: &seq_ids, seq_context_lens: &case.prompt_lens, is_prompt: true };
+    // What the engine does: announce each step, then call every layer with its number.
+    let prompt_step = StepInfo { step: 1, seq_ids: &seq_ids, seq_context_lens: &case.prompt_lens, is_prompt: true, rows: 0, block_tables: &[] };
+    policy.begin_step(&prompt_step).unwrap();
+    let batch = BatchInfo { layer: Some(0), seq_ids: &seq_ids, seq_context_lens: &case.prompt_lens, is_prompt: true, step: 1 };
     write(&batch, &prompt_rows, slots);
+    let block_tables: Vec<Vec<usize>> =
+        world.block_tables.to_vec2::<u32>().unwrap().into_iter().map(|t| t.into_iter().map(|b| b as usize).collect()).collect();
 
     let mut steps = Vec::new();
     for step in 0..case.steps {
@@ -224,7 +230,11 @@ fn simulate(policy: &dyn KvPolicy, world: &World, case: &Case) -> Vec<StepOutput
             .iter()
             .map(|&(s, p)| if rows > 1 && p < policy.dense_kv_len(seq_ids[s]) { -1 } else { world.slot(s, p) })
             .collect();
-        let batch = BatchInfo { layer: Some(0), seq_ids: &seq_ids, seq_context_lens: &ctx, is_prompt: false };
+        let number = 2 + step as u64;
+        policy
+            .begin_step(&StepInfo { step: number, seq_ids: &seq_ids, seq_context_lens: &ctx, is_prompt: false, rows, block_tables: &block_tables })
+            .unwrap();
+        let batch = BatchInfo { layer: Some(0), seq_ids: &seq_ids, seq_context_lens: &ctx, is_prompt: false, step: number };
         write(&batch, &batch_rows, slots);
         let (_, _, query) = world.rows(&batch_rows);
         let context_lens = Tensor::from_vec(ctx.iter().map(|&c| c as u32).collect::<Vec<_>>(), ctx.len(), &Device::Cpu).unwrap();
