@@ -10,7 +10,7 @@
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
-#[path = "support/bandwidth.rs"]
+#[path = "../../kernels/benches/support/bandwidth.rs"]
 mod bandwidth;
 use bandwidth::copy_bandwidth;
 

@@ -14,7 +14,7 @@
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
-#[path = "support/bandwidth.rs"]
+#[path = "../../kernels/benches/support/bandwidth.rs"]
 mod bandwidth;
 
 use std::io::{BufRead, BufReader, Write};
