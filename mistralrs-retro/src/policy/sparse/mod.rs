@@ -174,13 +174,14 @@ impl SparseEngine {
     /// the policy by hand) gets one built from the call's own tables.
     pub(super) fn step_for(&self, batch: &BatchInfo<'_>, attn: &DecodeAttention<'_>) -> Result<Arc<SparseStep>> {
         if let Some(step) = &*self.step.lock().expect("lock poisoned") {
-            if step.step == batch.step && batch.step != 0 {
+            if step.step == batch.step && batch.step != 0 && step.agrees_with(attn)? {
                 return Ok(step.clone());
             }
         }
         let backend = self.backend()?;
-        let budget_pages = self.budget_pages(batch.seq_ids, batch.seq_context_lens, backend.block_size());
-        let step = Arc::new(SparseStep::from_call(batch, attn, budget_pages)?);
+        let mut step = SparseStep::from_call(batch, attn)?;
+        step.budget_pages = self.budget_pages(batch.seq_ids, &step.context_lens, backend.block_size());
+        let step = Arc::new(step);
         *self.step.lock().expect("lock poisoned") = Some(step.clone());
         Ok(step)
     }

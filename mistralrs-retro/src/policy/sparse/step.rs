@@ -34,18 +34,36 @@ impl SparseStep {
         }
     }
 
-    /// A step for a call the engine did not announce, from the call's own tables.
-    pub fn from_call(batch: &BatchInfo<'_>, attn: &DecodeAttention<'_>, budget_pages: Vec<usize>) -> Result<Self> {
-        let sequences = batch.seq_context_lens.len();
-        let rows = attn.query.dim(0)? / sequences.max(1);
-        // The host plan reads the block tables; on a device only the kernels do.
-        let block_tables = if attn.block_tables.device().is_cpu() { attn.block_tables.to_vec2::<u32>()? } else { Vec::new() };
+    /// Whether a call's lengths are the step's. On the host the CPU kernels read the call's tensor
+    /// while the plan reads the step: they must agree. (They do not in one place: mistral.rs's
+    /// start-up dummy run decodes a one-token sequence whose length tensor says 0; the call's own
+    /// tables then make the step.) Free on the host; on a device the kernels take the step's.
+    pub fn agrees_with(&self, attn: &DecodeAttention<'_>) -> Result<bool> {
+        if !attn.context_lens.device().is_cpu() {
+            return Ok(true);
+        }
+        let lens = attn.context_lens.to_vec1::<u32>()?;
+        Ok(lens.len() == self.context_lens.len() && lens.iter().zip(&self.context_lens).all(|(&a, &b)| a as usize == b))
+    }
+
+    /// A step for a call the engine did not announce, from the call's own tables (the budgets are
+    /// the caller's to fill).
+    pub fn from_call(batch: &BatchInfo<'_>, attn: &DecodeAttention<'_>) -> Result<Self> {
+        // The host plan reads the call's tables; on a device the kernels do, and the lengths come
+        // with the batch.
+        let (context_lens, block_tables) = if attn.block_tables.device().is_cpu() {
+            let lens = attn.context_lens.to_vec1::<u32>()?.into_iter().map(|c| c as usize).collect();
+            (lens, attn.block_tables.to_vec2::<u32>()?)
+        } else {
+            (batch.seq_context_lens.to_vec(), Vec::new())
+        };
+        let rows = attn.query.dim(0)? / context_lens.len().max(1);
         Ok(Self {
             step: batch.step,
             rows,
-            context_lens: batch.seq_context_lens.to_vec(),
+            context_lens,
             block_tables,
-            budget_pages,
+            budget_pages: Vec::new(),
             #[cfg(feature = "cuda")]
             plans: Default::default(),
         })
