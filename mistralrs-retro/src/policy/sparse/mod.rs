@@ -162,7 +162,9 @@ impl SparseEngine {
         let step = match (&*self.backend.read().expect("lock poisoned"), info.rows) {
             (Some(backend), rows) if rows > 0 => {
                 let budget_pages = self.budget_pages(info.seq_ids, info.seq_context_lens, backend.block_size());
-                Some(Arc::new(SparseStep::new(info, budget_pages)))
+                // Only the host plan reads block tables; on CUDA the kernels take the device's.
+                let host_tables = matches!(backend, Backend::Cpu(_));
+                Some(Arc::new(SparseStep::new(info, budget_pages, host_tables)))
             }
             _ => None,
         };

@@ -22,12 +22,18 @@ pub(crate) struct SparseStep {
 }
 
 impl SparseStep {
-    pub fn new(info: &StepInfo<'_>, budget_pages: Vec<usize>) -> Self {
+    /// `host_tables`: keep a host copy of the block tables (the CPU plan reads them).
+    pub fn new(info: &StepInfo<'_>, budget_pages: Vec<usize>, host_tables: bool) -> Self {
+        let block_tables = if host_tables {
+            info.block_tables.iter().map(|t| t.iter().map(|&b| b as u32).collect()).collect()
+        } else {
+            Vec::new()
+        };
         Self {
             step: info.step,
             rows: info.rows,
             context_lens: info.seq_context_lens.to_vec(),
-            block_tables: info.block_tables.iter().map(|t| t.iter().map(|&b| b as u32).collect()).collect(),
+            block_tables,
             budget_pages,
             #[cfg(feature = "cuda")]
             plans: Default::default(),
